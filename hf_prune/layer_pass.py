@@ -1,0 +1,108 @@
+"""Running calibration data through one decoder layer, with statistics hooks on its operators."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from .architectures import Operator
+from .capture import LayerCall
+from .statistics import InputStatistics, StatKind
+
+
+class NonFiniteActivationError(RuntimeError):
+    """A layer produced NaN or Inf on calibration data."""
+
+
+class StatisticsCollector:
+    """Forward pre-hooks that sum each operator's input statistics.
+
+    Operators fed the very same tensor (q/k/v, gate/up) share one statistics object, so a
+    Gram matrix is computed once per distinct input. ``on_ready(op, stats)``, when given,
+    runs inside the hook right after the operator's statistics were updated, before the
+    operator itself runs: with all samples in one batch that is where one-pass pruning
+    happens, and the operator's forward then already uses the pruned weight.
+    """
+
+    def __init__(
+        self,
+        ops: list[Operator],
+        kind_for: Callable[[Operator], StatKind],
+        device: torch.device,
+        on_ready: Callable[[Operator, InputStatistics | None], None] | None = None,
+    ) -> None:
+        self.device = device
+        self.on_ready = on_ready
+        self.stats: dict[str, InputStatistics] = {}
+        self.done: set[str] = set()
+        self._batch_inputs: list[tuple[torch.Tensor, StatKind, InputStatistics]] = []
+        self._handles = [op.module.register_forward_pre_hook(self._hook_for(op, kind_for(op))) for op in ops]
+
+    def _hook_for(self, op: Operator, kind: StatKind):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            if op.name in self.done:
+                return
+            if kind is not StatKind.NONE:
+                self._observe(op, kind, inputs[0])
+            if self.on_ready is not None:
+                self.on_ready(op, self.stats.get(op.name))
+                self.done.add(op.name)
+
+        return hook
+
+    def _observe(self, op: Operator, kind: StatKind, x: torch.Tensor) -> None:
+        for seen, seen_kind, stats in self._batch_inputs:
+            if seen is x and seen_kind is kind:
+                self.stats.setdefault(op.name, stats)
+                return
+        stats = self.stats.get(op.name) or InputStatistics(op.in_features, kind, self.device)
+        stats.update(x)
+        self.stats[op.name] = stats
+        # keep a reference so that the tensor's memory cannot be reused within this batch
+        self._batch_inputs.append((x, kind, stats))
+
+    def end_batch(self) -> None:
+        """Forget this batch's input tensors (kept only to detect shared inputs)."""
+        self._batch_inputs.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._batch_inputs.clear()
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, batch_size: int,
+              on_batch_end: Callable[[], None] | None = None) -> torch.Tensor:
+    """Outputs of ``layer`` for ``hidden`` ([n, seq, dim]), ``batch_size`` samples at a time."""
+    outputs = []
+    starts = range(0, hidden.shape[0], batch_size)
+    if len(starts) > 1:
+        starts = logging.tqdm(starts, desc="Calibration batches", unit="batch", leave=False)
+    with torch.no_grad():
+        for start in starts:
+            out = layer(hidden[start:start + batch_size], *call.args, **call.kwargs)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+            if on_batch_end is not None:
+                on_batch_end()
+    return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
+
+
+def check_finite(tensor: torch.Tensor, layer_index: int, model_dtype: torch.dtype) -> None:
+    """Raise a clear error when a layer's outputs hold NaN or Inf."""
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteActivationError(
+            f"decoder layer {layer_index} produced NaN/Inf on the calibration data (model dtype {model_dtype}). "
+            "Load the model in float32 or bfloat16 (dtype=torch.float32), lower the sparsity, or check the "
+            "calibration text. Nothing was saved"
+        )
+
+
+def move_layer(layer: nn.Module, device: torch.device) -> torch.device:
+    """Move ``layer`` to ``device``; return where it was."""
+    original = next(layer.parameters()).device
+    if original != device:
+        layer.to(device)
+    return original

@@ -1,0 +1,195 @@
+"""``PrunedModelForCausalLM`` and ``AutoPrunedModelForCausalLM``: transformers models that prune.
+
+The mixin sits before the model's own transformers class, with the same class name, so
+``config.json["architectures"]`` stays the transformers one and plain
+``AutoModelForCausalLM`` loads unstructured and N:M checkpoints unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging
+
+from .calibration import CalibrationInput, build_calibration
+from .config import PruningConfig
+from .engine import prune_model
+from .record import make_record, verify_record
+from .report import PruningReport, measure_sparsity
+from .saving import check_not_source, staged_directory
+
+logger = logging.get_logger(__name__)
+
+# from_pretrained keyword arguments that also locate the tokenizer and the config
+_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "gguf_file", "trust_remote_code",
+               "force_download", "proxies")
+
+
+def detach_gguf_quantizer(model: PreTrainedModel) -> None:
+    """Drop the GGUF quantizer transformers attaches when loading a GGUF file.
+
+    The weights are already dequantized to float; without this ``save_pretrained`` refuses.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(model.config, "quantization_config", None)
+    method = getattr(config, "quant_method", None) or (config or {}).get("quant_method") if config else None
+    if quantizer is None and config is None:
+        return
+    if str(getattr(method, "value", method)).lower() != "gguf":
+        return
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+        return
+    for owner, name in ((model, "hf_quantizer"), (model.config, "quantization_config"), (model, "quantization_method")):
+        if hasattr(owner, name):
+            delattr(owner, name)
+    model.is_quantized = False
+
+
+def _source_directories(path: str | os.PathLike) -> set[str]:
+    source = Path(os.fspath(path)).expanduser()
+    if source.is_file():
+        source = source.parent
+    return {os.path.realpath(source)} if source.exists() else set()
+
+
+class PrunedModelForCausalLM:
+    """Mixin over a transformers causal-LM class: loads, prunes, reports and saves."""
+
+    pruning_config: PruningConfig | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        pruning_config: PruningConfig | dict | None = None,
+        calibration_data: CalibrationInput | None = None,
+        tokenizer: Any = None,
+        verify_pruning: bool = True,
+        **kwargs: Any,
+    ) -> PrunedModelForCausalLM:
+        """Load like transformers, then prune with ``pruning_config`` if given.
+
+        A checkpoint saved by hf_prune is recognised from ``config.json["pruning_config"]``:
+        its record is checked against the weights and it is not pruned again unless a new
+        ``pruning_config`` is passed (which is then applied on top).
+        """
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)  # type: ignore[misc]
+        detach_gguf_quantizer(model)
+        model._hf_prune_sources = _source_directories(pretrained_model_name_or_path)
+        if kwargs.get("gguf_file"):
+            model._hf_prune_sources |= _source_directories(Path(os.fspath(pretrained_model_name_or_path)))
+        model._hf_prune_tokenizer_source = (
+            pretrained_model_name_or_path, {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        )
+        record = getattr(model.config, "pruning_config", None)
+        if record:
+            model.pruning_config = PruningConfig.from_dict(record)
+            if verify_pruning:
+                verify_record(model, record, str(pretrained_model_name_or_path))
+        if pruning_config is not None:
+            model.prune(pruning_config, calibration_data=calibration_data, tokenizer=tokenizer)
+        return model
+
+    @property
+    def is_pruned(self) -> bool:
+        return bool(getattr(self.config, "pruning_config", None))
+
+    def _load_tokenizer(self) -> Any:
+        source, hub_kwargs = getattr(self, "_hf_prune_tokenizer_source", (self.name_or_path, {}))
+        return AutoTokenizer.from_pretrained(source, **hub_kwargs)
+
+    def prune(
+        self,
+        pruning_config: PruningConfig | dict,
+        calibration_data: CalibrationInput | None = None,
+        tokenizer: Any = None,
+    ) -> PruningReport:
+        """Prune this model in place and record how; returns the measured sparsity."""
+        config = PruningConfig.from_dict(pruning_config) if isinstance(pruning_config, dict) else pruning_config
+        if not isinstance(config, PruningConfig):
+            raise TypeError(f"pruning_config must be a PruningConfig or a dict, got {type(pruning_config).__name__}")
+        calibration = None
+        if config.uses_calibration:
+            import torch
+
+            if tokenizer is None and not isinstance(calibration_data, torch.Tensor):
+                tokenizer = self._load_tokenizer()
+            calibration = build_calibration(
+                calibration_data, tokenizer, config.calibration, config.num_samples, config.seq_len, config.seed
+            )
+        run = prune_model(self, config, calibration)  # type: ignore[arg-type]
+        report = measure_sparsity(self)  # type: ignore[arg-type]
+        previous = getattr(self.config, "pruning_config", None)
+        self.config.pruning_config = make_record(
+            config, calibration.record if calibration else None, run.layer_sparsity, report, previous
+        )
+        self.pruning_config = config
+        logger.info("pruned with %s in %.1fs: overall sparsity %.4f", config.method, run.seconds, report.overall)
+        return report
+
+    def pruning_report(self) -> PruningReport:
+        """Sparsity measured now from the weights (per Linear, per layer and overall)."""
+        return measure_sparsity(self)  # type: ignore[arg-type]
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Save as transformers does (safetensors, zeros baked in), atomically.
+
+        Refuses the directory the model was loaded from; if anything fails, nothing is left
+        half-written in ``save_directory``.
+        """
+        check_not_source(save_directory, getattr(self, "_hf_prune_sources", set()))
+        push = kwargs.pop("push_to_hub", False)
+        with staged_directory(save_directory) as staging:
+            super().save_pretrained(staging, *args, **kwargs)  # type: ignore[misc]
+        if push:
+            self.push_to_hub(kwargs.get("repo_id") or Path(save_directory).name)  # type: ignore[attr-defined]
+
+
+_PRUNED_CLASSES: dict[type, type] = {}
+
+
+def pruned_class_for(base: type[PreTrainedModel]) -> type:
+    """The ``PrunedModelForCausalLM`` subclass of a transformers class, with the same name."""
+    if base not in _PRUNED_CLASSES:
+        _PRUNED_CLASSES[base] = type(
+            base.__name__, (PrunedModelForCausalLM, base), {"__module__": __name__, "__qualname__": base.__qualname__}
+        )
+    return _PRUNED_CLASSES[base]
+
+
+class AutoPrunedModelForCausalLM:
+    """Like ``AutoModelForCausalLM``, returning a model that can prune and knows it was pruned."""
+
+    def __init__(self) -> None:
+        raise OSError("use AutoPrunedModelForCausalLM.from_pretrained(...) or .from_config(...)")
+
+    @classmethod
+    def model_class(cls, config: Any) -> type:
+        base = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+        if base is None:
+            raise ValueError(
+                f"{type(config).__name__} (model_type {getattr(config, 'model_type', None)!r}) has no causal-LM "
+                "class in transformers; hf_prune prunes decoder-only causal language models"
+            )
+        return pruned_class_for(base)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any):
+        """Same arguments as ``AutoModelForCausalLM.from_pretrained`` plus ``pruning_config``,
+        ``calibration_data``, ``tokenizer`` and ``verify_pruning``."""
+        config = kwargs.pop("config", None)
+        if config is None:
+            hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        model_cls = cls.model_class(config)
+        return model_cls.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: Any, **kwargs: Any):
+        """A randomly initialised model of ``config``'s architecture (for tests and experiments)."""
+        return cls.model_class(config)._from_config(config, **kwargs)
