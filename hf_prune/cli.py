@@ -119,6 +119,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.eval_text:
         results["perplexity_after"] = _perplexity(model, tokenizer, args)
         print(f"perplexity after:  {results['perplexity_after']:.3f}")
+        from .provenance import record_evaluation
+
+        record_evaluation(model, results["perplexity_before"], results["perplexity_after"], args.eval_text,
+                          args.eval_seq_len, args.eval_windows)
     if args.output:
         model.save_pretrained(args.output)
         tokenizer.save_pretrained(args.output)
@@ -126,6 +130,50 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
+
+
+def _card_info(args: argparse.Namespace, repo_id: str | None = None) -> Any:
+    from .card import CardInfo
+
+    notes = args.notes
+    if args.notes_file:
+        notes = Path(args.notes_file).read_text(encoding="utf-8")
+    return CardInfo(repo_id=repo_id or args.repo_id, base_model=args.base_model, license=args.license,
+                    notes=notes, tags=args.tag or [])
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from .card import write_card
+
+    path = write_card(args.directory, _card_info(args))
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .hub import push_saved_checkpoint
+
+    try:
+        commit = push_saved_checkpoint(
+            args.directory, args.repo_id, _card_info(args, args.repo_id), commit_message=args.commit_message,
+            private=args.private or None, revision=args.revision, create_pr=args.create_pr,
+        )
+    except HfHubHTTPError as err:
+        print(f"hf-prune: the hub refused the upload: {err}. Log in with `hf auth login` or set HF_TOKEN to a token "
+              "with write access", file=sys.stderr)
+        return 1
+    print(f"pushed {args.directory} to {getattr(commit, 'commit_url', None) or args.repo_id}")
+    return 0
+
+
+def _add_card_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-model", help="hub id of the model that was pruned, if the record does not know it")
+    parser.add_argument("--license", help="license id for the card (default: the base model's, when known)")
+    parser.add_argument("--notes", help="free text added to the card")
+    parser.add_argument("--notes-file", help="a text file added to the card as notes")
+    parser.add_argument("--tag", action="append", help="an extra hub tag, repeatable")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -191,6 +239,22 @@ def make_parser() -> argparse.ArgumentParser:
     _add_model_args(evaluate)
     _add_eval_args(evaluate, required=True)
     evaluate.set_defaults(func=cmd_eval)
+
+    card = sub.add_parser("card", help="(re)write the model card (README.md) and plot of a saved pruned model")
+    card.add_argument("directory", help="directory written by save_pretrained / hf-prune prune --output")
+    card.add_argument("--repo-id", help="the hub repository the card is for (used in the loading example)")
+    _add_card_args(card)
+    card.set_defaults(func=cmd_card)
+
+    push = sub.add_parser("push", help="upload a saved pruned model to the Hugging Face Hub with its card")
+    push.add_argument("directory", help="directory written by save_pretrained / hf-prune prune --output")
+    push.add_argument("repo_id", help="'user/name'; created if missing. Log in first (hf auth login) or set HF_TOKEN")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", help="branch to push to (created if missing)")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--commit-message", help="message of the upload commit")
+    _add_card_args(push)
+    push.set_defaults(func=cmd_push)
     return parser
 
 

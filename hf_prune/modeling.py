@@ -17,6 +17,7 @@ from transformers.utils import logging
 from .calibration import CalibrationInput, build_calibration
 from .config import PruningConfig
 from .engine import prune_model
+from .provenance import describe_source
 from .record import make_record, verify_record
 from .report import PruningReport, measure_sparsity
 from .saving import check_not_source, staged_directory
@@ -122,12 +123,14 @@ class PrunedModelForCausalLM:
             calibration = build_calibration(
                 calibration_data, tokenizer, config.calibration, config.num_samples, config.seq_len, config.seed
             )
+        source = describe_source(self)  # type: ignore[arg-type]
         run = prune_model(self, config, calibration)  # type: ignore[arg-type]
         report = measure_sparsity(self)  # type: ignore[arg-type]
         previous = getattr(self.config, "pruning_config", None)
         self.config.pruning_config = make_record(
             config, calibration.record if calibration else None, run.layer_sparsity, report, previous
         )
+        self.config.pruning_config["source"] = source
         self.pruning_config = config
         logger.info("pruned with %s in %.1fs: overall sparsity %.4f", config.method, run.seconds, report.overall)
         return report
@@ -140,14 +143,34 @@ class PrunedModelForCausalLM:
         """Save as transformers does (safetensors, zeros baked in), atomically.
 
         Refuses the directory the model was loaded from; if anything fails, nothing is left
-        half-written in ``save_directory``.
+        half-written in ``save_directory``. A pruned model also gets its model card
+        (``README.md``) and per-layer plot; ``model_card=False`` skips them, a
+        ``hf_prune.card.CardInfo`` adds what the record cannot know (base model, license, notes).
         """
         check_not_source(save_directory, getattr(self, "_hf_prune_sources", set()))
         push = kwargs.pop("push_to_hub", False)
+        model_card = kwargs.pop("model_card", True)
         with staged_directory(save_directory) as staging:
             super().save_pretrained(staging, *args, **kwargs)  # type: ignore[misc]
+            if model_card is not False and self.is_pruned:
+                from .card import CardInfo, write_card
+
+                write_card(staging, model_card if isinstance(model_card, CardInfo) else None)
         if push:
             self.push_to_hub(kwargs.get("repo_id") or Path(save_directory).name)  # type: ignore[attr-defined]
+
+    def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+        """Upload the pruned model with its generated card; see ``hf_prune.hub.push_pruned_model``.
+
+        Saves to a temporary folder (weights, config with the pruning record, tokenizer,
+        README.md card, per-layer plot), then creates the repo if needed and uploads it in one
+        commit. A model without a pruning record is pushed by transformers unchanged.
+        """
+        if not self.is_pruned:
+            return super().push_to_hub(repo_id, *args, **kwargs)  # type: ignore[misc]
+        from .hub import push_pruned_model
+
+        return push_pruned_model(self, repo_id, *args, **kwargs)
 
 
 _PRUNED_CLASSES: dict[type, type] = {}

@@ -27,7 +27,7 @@ class InputStatistics:
         )
 
     def update(self, inputs: torch.Tensor) -> None:
-        x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float32)
+        x = inputs.detach().flatten(0, -2).to(torch.float32)  # also for zero-width inputs
         self.tokens += x.shape[0]
         if self._gram is not None:
             self._gram.addmm_(x.t(), x)
