@@ -18,9 +18,18 @@ class PruningRecordMismatchError(ValueError):
     """A checkpoint's weights do not match what its pruning record says."""
 
 
+class StructureMismatchError(PruningRecordMismatchError):
+    """A checkpoint's layer shapes do not match the structure its config (or pruning record) describes."""
+
+
 def make_record(config: PruningConfig, calibration: dict | None, layer_sparsity: list[float],
-                report: PruningReport, previous: dict | None = None) -> dict[str, Any]:
-    """The JSON record of one pruning run: config, calibration used, measured sparsity."""
+                report: PruningReport, previous: dict | None = None,
+                structure: dict | None = None) -> dict[str, Any]:
+    """The JSON record of one pruning run: config, calibration used, measured sparsity.
+
+    ``structure`` (per-layer kept sizes, parameter counts) is set once any run removed
+    neurons or heads, and stays at the top level through later runs so loaders find it.
+    """
     from . import __version__
 
     record = config.to_dict()
@@ -28,6 +37,8 @@ def make_record(config: PruningConfig, calibration: dict | None, layer_sparsity:
     record["calibration_used"] = calibration
     record["layer_sparsity"] = [round(s, 6) for s in layer_sparsity]
     record["measured_sparsity"] = report.to_dict()
+    if structure:
+        record["structure"] = structure
     if previous:
         record["previous"] = [*previous.get("previous", []), {k: v for k, v in previous.items() if k != "previous"}]
     return record
@@ -51,6 +62,7 @@ def verify_record(model: nn.Module, record: dict[str, Any], source: str) -> Prun
                 f"{name} has sparsity {measured.per_module[name]:.4f} but the pruning record says {expected:.4f}. "
                 f"{advice}"
             )
+    _verify_structure(model, record, advice)
     pattern = parse_pattern(record.get("pattern", "unstructured"))
     if pattern.is_nm:
         layout = DecoderLayout(model)
@@ -59,3 +71,19 @@ def verify_record(model: nn.Module, record: dict[str, Any], source: str) -> Prun
                 if recorded.get(op.name, 0) > 0 and not satisfies_nm(op.read_weight(), pattern.n, pattern.m):
                     raise PruningRecordMismatchError(f"{op.name} no longer has the {pattern} pattern. {advice}")
     return measured
+
+
+def _verify_structure(model: nn.Module, record: dict[str, Any], advice: str) -> None:
+    """Raise ``StructureMismatchError`` if the layers' sizes differ from the recorded structure."""
+    structure = record.get("structure")
+    if not structure:
+        return
+    from .structured.structure import SIZE_KEYS, model_shape
+
+    measured = model_shape(model).lists()
+    for key in SIZE_KEYS:
+        if structure.get(key) != measured[key]:
+            raise StructureMismatchError(
+                f"the model has {key} {measured[key]} per layer but its pruning record says {structure.get(key)}. "
+                f"{advice}"
+            )

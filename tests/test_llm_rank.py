@@ -1,0 +1,155 @@
+"""LLM-Rank / MLP-Rank: centrality scores, importance flow between layers, what gets removed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import SHARED_DATA, tiny_model
+
+from hf_prune import AutoPrunedModelForCausalLM, LLMRankConfig, evaluate_perplexity
+from hf_prune.architectures import DecoderLayout
+from hf_prune.methods.base import LayerContext
+from hf_prune.methods.llm_rank import LLMRankPruner
+from hf_prune.report import count_parameters
+from hf_prune.statistics import InputStatistics, StatKind
+from hf_prune.structured import attention_geometry, layer_sizes
+from hf_prune.structured.geometry import attention_rows, mlp_input_magnitude, mlp_rows, operator
+from hf_prune.structured.pruner import kept_count
+from hf_prune.structured.scores import propagate
+
+
+def _kill_neurons(model, dead: torch.Tensor) -> None:
+    """Zero every incoming weight (and bias) of the neurons ``dead`` in every layer."""
+    layout = DecoderLayout(model)
+    with torch.no_grad():
+        for index in range(len(layout)):
+            width = operator(layout, index, layout.spec.mlp_out).in_features
+            rows = mlp_rows(layout, dead, width)
+            for name in layout.spec.mlp_in:
+                op = operator(layout, index, name)
+                op.read_weight()[rows] = 0.0
+                if getattr(op.module, "bias", None) is not None:
+                    op.module.bias[rows] = 0.0
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "opt"])
+@pytest.mark.parametrize("scope,gamma", [("chained", 0.9), ("isolated", 0.9), ("chained", 1.0), ("chained", 0.0)])
+def test_dead_neurons_are_removed_first(family, scope, gamma, token_ids):
+    model = tiny_model(family)
+    layout = DecoderLayout(model)
+    width = layer_sizes(layout, 0).mlp_neurons
+    dead = torch.randperm(width, generator=torch.Generator().manual_seed(3))[: width // 4]
+    _kill_neurons(model, dead)
+    model.prune(LLMRankConfig(amount=0.25, scope=scope, gamma=gamma, round_to=1, device="cpu"),
+                calibration_data=token_ids)
+    for index in range(len(layout)):
+        incoming = mlp_input_magnitude(layout, index).sum(dim=1)
+        assert incoming.numel() == width - dead.numel()
+        assert bool((incoming > 0).all()), f"layer {index} kept a dead neuron"
+
+
+def test_dead_kv_group_is_removed_first(token_ids):
+    model = tiny_model("llama")
+    layout = DecoderLayout(model)
+    with torch.no_grad():
+        for index in range(len(layout)):
+            geometry = attention_geometry(layout, index)
+            for name, rows in attention_rows(layout, geometry, torch.tensor([1])).items():
+                operator(layout, index, name).read_weight()[rows] = 0.0
+    model.prune(LLMRankConfig(amount=0.25, heads=True, head_amount=0.5, device="cpu"), calibration_data=token_ids)
+    for index in range(len(layout)):
+        assert layer_sizes(layout, index).kv_heads == 1
+        assert operator(layout, index, "self_attn.k_proj").read_weight().abs().sum(dim=1).min() > 0
+
+
+def test_propagate_normalizes_columns():
+    weight = torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.0, 2.0]])
+    importance = torch.tensor([0.25, 0.75])
+    by_weight = propagate(weight, importance, theta=1.0)
+    assert torch.allclose(by_weight, torch.tensor([0.25 * 0.25, 0.25 * 0.75 + 0.75 * 0.5, 0.75 * 0.5]))
+    by_edges = propagate(weight, importance, theta=0.0)
+    assert torch.allclose(by_edges, torch.tensor([0.125, 0.125 + 0.375, 0.375]))
+    mixed = propagate(weight, importance, theta=0.5)
+    assert torch.allclose(mixed, 0.5 * by_weight + 0.5 * by_edges)
+    assert mixed.sum() == pytest.approx(1.0)
+    assert torch.equal(propagate(torch.zeros(3, 2), importance, 0.5), torch.zeros(3))
+
+
+def _context(model, index: int, hidden_norm: torch.Tensor) -> LayerContext:
+    """A layer context whose MLP statistics say: these input channel norms, equal neuron activations."""
+    layout = DecoderLayout(model)
+    prefix = layout.layer_prefix(index)
+    mlp_input = InputStatistics(hidden_norm.numel(), StatKind.NORMS, torch.device("cpu"))
+    mlp_input.update(hidden_norm.unsqueeze(0))
+    neurons = InputStatistics(128, StatKind.NORMS, torch.device("cpu"))
+    neurons.update(torch.ones(1, 128))
+    stats = {f"{prefix}.mlp.gate_proj": mlp_input, f"{prefix}.mlp.up_proj": mlp_input,
+             f"{prefix}.mlp.down_proj": neurons}
+    return LayerContext(layout, index, layout.layers[index], None, None, [], 0.5, torch.device("cpu"), 1, stats)
+
+
+def test_chained_importance_flows_from_the_previous_layer():
+    """Neurons 0-63 read hidden channels 0-31 only, neurons 64-127 channels 32-63 only."""
+    model = tiny_model("llama")
+    layout = DecoderLayout(model)
+    with torch.no_grad():
+        for name in ("mlp.gate_proj", "mlp.up_proj"):
+            weight = operator(layout, 1, name).read_weight()
+            weight[:64, 32:] = 0.0
+            weight[64:, :32] = 0.0
+    uniform = torch.ones(64)
+    chained = LLMRankPruner(LLMRankConfig(amount=0.5, gamma=1.0))
+    chained.residual = torch.cat([torch.full((32,), 1 / 32), torch.zeros(32)])  # the last MLP wrote channels 0-31
+    scores = chained.score_neurons(_context(model, 1, uniform))
+    assert scores.sum() == pytest.approx(1.0)
+    assert scores[64:].sum() == 0 and bool((scores[:64] > 0).all())
+
+    isolated = LLMRankPruner(LLMRankConfig(amount=0.5, gamma=1.0, scope="isolated"))
+    isolated.residual = chained.residual
+    scores = isolated.score_neurons(_context(model, 1, uniform))  # starts from its own (uniform) input norms
+    assert scores[:64].sum() == pytest.approx(0.5, abs=1e-5)
+
+    mixed = LLMRankPruner(LLMRankConfig(amount=0.5, gamma=0.5))
+    mixed.residual = chained.residual
+    scores = mixed.score_neurons(_context(model, 1, uniform))
+    assert scores[64:].sum() == pytest.approx(0.25, abs=1e-5)  # half of it is the (equal) activation norms
+
+
+def test_every_layer_scores_sum_to_one(token_ids, monkeypatch):
+    sums: list[float] = []
+    residual_sums: list[float] = []
+    original = LLMRankPruner.layer_done
+
+    def record(self, context, neurons, scores):
+        sums.append(float(scores.sum()))
+        original(self, context, neurons, scores)
+        residual_sums.append(float(self.residual.sum()))
+
+    monkeypatch.setattr(LLMRankPruner, "layer_done", record)
+    tiny_model("mistral").prune(LLMRankConfig(amount=0.5, device="cpu"), calibration_data=token_ids)
+    assert sums == pytest.approx([1.0, 1.0]) and residual_sums == pytest.approx([1.0, 1.0])
+
+
+@pytest.mark.slow
+def test_llm_rank_on_smollm2(smollm2, tmp_path):
+    dense, tokenizer, _ = smollm2
+    model = copy.deepcopy(dense)
+    text = (SHARED_DATA / "wiki_sample.txt").read_text()[:8000]
+    model.prune(LLMRankConfig(amount=0.2, calibration="c4-sample", num_samples=4, seq_len=128, device="cpu"),
+                tokenizer=tokenizer)
+    layout = DecoderLayout(model)
+    assert {layer_sizes(layout, i).mlp_neurons for i in range(len(layout))} == {kept_count(1536, 0.2, 8)}
+    removed = len(layout) * (1536 - 1232) * 3 * 576
+    assert count_parameters(model) == count_parameters(dense) - removed
+    dense_ppl = evaluate_perplexity(dense, tokenizer, text, 128, max_windows=2)
+    pruned_ppl = evaluate_perplexity(model, tokenizer, text, 128, max_windows=2)
+    assert pruned_ppl < 3 * dense_ppl
+    probe = tokenizer("Pruning makes models", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model(probe).logits
+    model.save_pretrained(tmp_path / "out")
+    reloaded = AutoPrunedModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(probe).logits, expected)
