@@ -76,7 +76,7 @@ def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: Cali
                 context = LayerContext(layout, index, layout.layers[index], None, None, targets[index],
                                        sparsities[index], device, 1)
                 pruner.start_layer(context)
-                for op in targets[index]:
+                for op in targets[index] if pruner.prunes_operators else ():
                     prune_operator_now(pruner, op, None, sparsities[index], device)
                 pruner.finish_layer(context)
         else:
@@ -87,7 +87,12 @@ def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: Cali
                 sparsities = owl_layer_sparsities(layout, targets, hidden, calls, config, device)
             else:
                 sparsities = [config.sparsity] * len(layout)
-            _prune_with_data(layout, targets, pruner, hidden, calls, config, device, sparsities)
+            if getattr(pruner, "dense_inputs", False):  # layers independent: parallel over devices/ranks
+                from .parallel import prune_layers_parallel
+
+                prune_layers_parallel(layout, targets, pruner, hidden, calls, config, device, sparsities)
+            else:
+                _prune_with_data(layout, targets, pruner, hidden, calls, config, device, sparsities)
     finally:
         model.train(was_training)
     return PruningRun(sparsities, time.perf_counter() - start_time)

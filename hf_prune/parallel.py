@@ -1,0 +1,186 @@
+"""Layer-parallel pruning for methods whose decoder layers are independent.
+
+A pruner with ``dense_inputs = True`` (FISTAPruner by default) prunes every decoder layer
+from the hidden states of the *dense* model, so layer ``l`` never waits for layers ``< l``.
+Here the dense hidden states are computed layer by layer (one dense forward of the model
+over the calibration data, on the main device) and each layer, with its dense inputs, is
+handed to a worker as soon as its inputs are known:
+
+* one worker thread per device: ``config.devices``, or every visible GPU (a single device,
+  no thread, otherwise). Layers go round-robin to the devices; a device holds at most two
+  queued layers' inputs.
+* under ``torch.distributed`` (launched with ``torchrun``; the process group is created from
+  the environment when it does not exist yet), rank ``r`` of ``R`` prunes a contiguous share
+  of the layers, then every layer's pruned weights are broadcast from the rank that pruned
+  them, so every rank ends with the whole pruned model. Only rank 0 saves
+  (``is_main_process``). With several processes per machine, each uses GPU ``LOCAL_RANK``.
+
+The result is the same whatever the split: a layer's work depends only on its dense inputs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from transformers.utils import logging
+
+from .architectures import DecoderLayout, Operator
+from .capture import LayerCall, move_to
+from .config import PruningConfig
+from .engine import prune_operator_now
+from .layer_pass import StatisticsCollector, check_finite, move_layer, run_layer
+from .methods.base import LayerContext, LayerPruner
+
+logger = logging.get_logger(__name__)
+
+MAX_QUEUED_PER_DEVICE = 2
+
+
+def distributed_state() -> tuple[int, int]:
+    """``(world_size, rank)``; creates the process group from ``torchrun``'s environment if needed."""
+    if not torch.distributed.is_available():
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+        return 1, 0
+    dist = torch.distributed
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 1, 0
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+        logger.info("torch.distributed initialised from the environment: %s, world size %d", backend,
+                    dist.get_world_size())
+    return dist.get_world_size(), dist.get_rank()
+
+
+def is_main_process() -> bool:
+    """False on every torch.distributed rank but 0 (True without torch.distributed)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def shard_layers(num_layers: int, world_size: int) -> list[int]:
+    """Owner rank of each layer: contiguous, balanced shares (earlier ranks take the remainder)."""
+    base, extra = divmod(num_layers, world_size)
+    owners: list[int] = []
+    for rank in range(world_size):
+        owners += [rank] * (base + (1 if rank < extra else 0))
+    return owners
+
+
+def worker_devices(config: PruningConfig, main: torch.device, world_size: int) -> list[torch.device]:
+    """Devices this process spreads its layers over."""
+    requested = getattr(config, "devices", None)
+    if requested:
+        devices = [torch.device(d) for d in requested]
+        if any(d.type == "cuda" for d in devices) and not torch.cuda.is_available():
+            raise ValueError(f"devices={requested} asks for CUDA but no GPU is visible; use devices=None or 'cpu'")
+        return devices
+    if main.type != "cuda" or config.device not in ("auto", "cuda"):
+        return [main]
+    if world_size > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        return [torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))]
+    return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+
+
+def prune_one_layer(pruner: LayerPruner, layout: DecoderLayout, index: int, targets: list[Operator],
+                    inputs: torch.Tensor, call: LayerCall, sparsity: float, device: torch.device,
+                    batch_size: int) -> None:
+    """Prune layer ``index`` on ``device`` from its dense ``inputs``; the layer goes back where it was."""
+    layer = layout.layers[index]
+    original = move_layer(layer, device)
+    try:
+        context = LayerContext(layout, index, layer, inputs.to(device),
+                               LayerCall(move_to(call.args, device), move_to(call.kwargs, device)),
+                               targets, sparsity, device, batch_size)
+        pruner.start_layer(context)
+        if pruner.prunes_operators:
+            collector = StatisticsCollector(targets, pruner.statistics_kind, device)
+            try:
+                run_layer(layer, context.inputs, context.call, batch_size, collector.end_batch)
+            finally:
+                collector.remove()
+            context.stats = collector.stats
+            for op in targets:
+                prune_operator_now(pruner, op, collector.stats.get(op.name), sparsity, device)
+        pruner.finish_layer(context)
+    finally:
+        if original != device:
+            layer.to(original)
+
+
+def prune_layers_parallel(layout: DecoderLayout, targets: list[list[Operator]], pruner: LayerPruner,
+                          hidden: torch.Tensor, calls: list[LayerCall], config: PruningConfig,
+                          device: torch.device, sparsities: list[float]) -> None:
+    """Prune this rank's share of the layers from dense inputs, over its devices; then share the results."""
+    world_size, rank = distributed_state()
+    owners = shard_layers(len(layout), world_size)
+    devices = worker_devices(config, device, world_size)
+    main = devices[0] if device.type == "cuda" and world_size > 1 else device
+    mine = [i for i, owner in enumerate(owners) if owner == rank]
+    samples = hidden.shape[0]
+    batch_size = min(config.batch_size or samples, samples)
+    if world_size > 1 or len(devices) > 1:
+        logger.info("rank %d/%d prunes layers %s on %s", rank, world_size, mine, [str(d) for d in devices])
+    progress = logging.tqdm(total=len(mine), desc="Pruning layers", unit="layer")
+    executors = [ThreadPoolExecutor(max_workers=1) for _ in devices] if len(devices) > 1 else []
+    queued: list[deque[Future]] = [deque() for _ in devices]
+    try:
+        hidden = hidden.to(main)
+        last = mine[-1] if mine else -1
+        for index in range(last + 1):
+            layer = layout.layers[index]
+            inputs = hidden
+            if index < last:  # dense outputs: the next layer's inputs (computed before any pruning)
+                original = move_layer(layer, main)
+                call = LayerCall(move_to(calls[index].args, main), move_to(calls[index].kwargs, main))
+                hidden = run_layer(layer, inputs, call, batch_size)
+                check_finite(hidden, index, layout.model.dtype)
+                if original != main:
+                    layer.to(original)
+            if owners[index] != rank:
+                continue
+            job = (pruner, layout, index, targets[index], inputs, calls[index], sparsities[index])
+            if not executors:
+                prune_one_layer(*job, devices[0], batch_size)
+                progress.update(1)
+                continue
+            slot = mine.index(index) % len(devices)
+            while len(queued[slot]) >= MAX_QUEUED_PER_DEVICE:
+                queued[slot].popleft().result()
+                progress.update(1)
+            queued[slot].append(executors[slot].submit(prune_one_layer, *job, devices[slot], batch_size))
+        for pending in queued:
+            while pending:
+                pending.popleft().result()
+                progress.update(1)
+    finally:
+        for executor in executors:
+            executor.shutdown(wait=True, cancel_futures=True)
+        progress.close()
+    if world_size > 1:
+        broadcast_layers(layout, targets, owners, rank)
+
+
+def broadcast_layers(layout: DecoderLayout, targets: list[list[Operator]], owners: list[int], rank: int) -> None:
+    """Send each layer's targeted weights from the rank that pruned them to every other rank."""
+    dist = torch.distributed
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    for index, owner in enumerate(owners):
+        weights = [op.module.weight.data for op in targets[index]]
+        if not weights:
+            continue
+        dtype = weights[0].dtype
+        flat = torch.cat([w.reshape(-1).to(device=comm, dtype=dtype) for w in weights])
+        dist.broadcast(flat, src=owner)
+        if rank != owner:
+            offset = 0
+            for weight in weights:
+                weight.copy_(flat[offset:offset + weight.numel()].view_as(weight))
+                offset += weight.numel()
+    logger.info("rank %d: received the pruned weights of every layer", rank)
