@@ -1,0 +1,366 @@
+"""LLM-Barber (arXiv 2408.10631): block-aware rebuilding of a sparsity mask, one-shot.
+
+A starting method (magnitude, Wanda or SparseGPT) prunes each decoder layer in the
+engine's usual pass. Then, per block of that layer (self-attention, then MLP), the block's
+input in the pruned model goes through the dense and the pruned block; the MSE between
+their outputs is backpropagated to the pruned block's weights, and each weight is scored
+``|W| * RMS(∇W)`` (root mean square over calibration samples; ``W`` is the dense value
+of a pruned weight, the current one of a kept weight). Pruned weights that score high
+grow back with their dense value, kept weights that score low are dropped, in equal
+numbers, so the sparsity (and an N:M pattern) does not change.
+
+Only the current layer's targeted weights are copied (dense, before pruning); the dense
+model is never duplicated. Gradients are taken in float32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from transformers.utils import logging
+
+from ..config import PruningConfig, registered_methods
+from ..patterns import Pattern
+from ..statistics import InputStatistics, StatKind
+from . import magnitude as _magnitude  # noqa: F401  (registers the starting methods)
+from . import sparsegpt as _sparsegpt  # noqa: F401
+from . import wanda as _wanda  # noqa: F401
+from .barber_blocks import Block, block_calls, decoder_blocks, float32_state, run_block
+from .base import LayerContext, LayerPruner
+
+logger = logging.get_logger(__name__)
+
+#: Share of the swappable pairs that is swapped, per starting method, as in the paper's scripts.
+DEFAULT_THRESHOLDS: dict[str, float] = {"magnitude": 0.1, "wanda": 0.01, "sparsegpt": 0.1}
+GRANULARITIES = ("row", "layer", "block")
+_SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(PruningConfig))
+
+
+@dataclass
+class BarberConfig(PruningConfig):
+    """LLM-Barber: rebuild the mask of a starting method with weight x gradient scores.
+
+    Args:
+        initial: the method that makes the starting mask: ``"wanda"`` (default), ``"sparsegpt"``,
+            ``"magnitude"``, or such a config (to set e.g. SparseGPT's ``block_size``). Its
+            sparsity, pattern, targets and calibration come from this config.
+        granularity: where grown and dropped weights are paired: ``"row"`` (within each output
+            row, and within each group of M for N:M; keeps every row's sparsity), ``"layer"``
+            (within each Linear) or ``"block"`` (across all Linears of the attention or MLP
+            block). Only ``"row"`` keeps an N:M pattern.
+        threshold: share of the swappable pairs (those where the grown weight outscores the
+            dropped one) that is swapped, in [0, 1]. Default per starting method: 0.01 for
+            Wanda, 0.1 for SparseGPT and magnitude.
+        keep_initial_updates: keep the starting method's updated weights (SparseGPT) on the
+            weights that stay; ``False`` re-applies the rebuilt mask to the dense weights.
+            Grown weights always get their dense value.
+        grad_batch_size: calibration samples per backward pass. Gradients are averaged as a
+            root mean square over these batches; 1 (per sample, as in the paper) is the most
+            faithful, larger is faster on a GPU and uses more memory.
+    """
+
+    method: ClassVar[str] = "barber"
+    paper: ClassVar[str] = "https://arxiv.org/abs/2408.10631"
+
+    initial: PruningConfig | str | dict | None = None
+    granularity: str = "row"
+    threshold: float | None = None
+    keep_initial_updates: bool = True
+    grad_batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.initial = self._resolve_initial(self.initial)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.parsed_pattern.is_nm and self.granularity != "row":
+            raise ValueError(
+                f"granularity={self.granularity!r} moves weights between rows and N:M groups, which breaks the "
+                f"{self.pattern} pattern: use granularity='row' with an N:M pattern"
+            )
+        if self.threshold is None:
+            self.threshold = DEFAULT_THRESHOLDS[self.initial.method]
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
+            0.0 <= self.threshold <= 1.0
+        ):
+            raise ValueError(
+                f"threshold must be a share in [0, 1] of the swappable weight pairs, got {self.threshold!r}; "
+                f"the paper uses {DEFAULT_THRESHOLDS}"
+            )
+        self.threshold = float(self.threshold)
+        if not isinstance(self.keep_initial_updates, bool):
+            raise ValueError(f"keep_initial_updates must be True or False, got {self.keep_initial_updates!r}")
+        if isinstance(self.grad_batch_size, bool) or not isinstance(self.grad_batch_size, int) or (
+            self.grad_batch_size < 1
+        ):
+            raise ValueError(f"grad_batch_size must be a positive integer, got {self.grad_batch_size!r}")
+
+    def _resolve_initial(self, initial: Any) -> PruningConfig:
+        """The starting method's config, with this config's shared fields."""
+        methods = registered_methods()
+        if initial is None:
+            initial = "wanda"
+        if isinstance(initial, str):
+            if initial not in DEFAULT_THRESHOLDS:
+                raise ValueError(
+                    f"initial={initial!r} is not a starting method for LLM-Barber; use one of "
+                    f"{sorted(DEFAULT_THRESHOLDS)}"
+                )
+            return methods[initial](**self._shared())
+        if isinstance(initial, dict):
+            initial = PruningConfig.from_dict(initial)
+        if not isinstance(initial, PruningConfig) or initial.method not in DEFAULT_THRESHOLDS:
+            name = getattr(initial, "method", type(initial).__name__)
+            raise ValueError(
+                f"initial must be one of {sorted(DEFAULT_THRESHOLDS)} (a name or its config), got {name!r}"
+            )
+        defaults = PruningConfig.__dataclass_fields__
+        for name, value in self._shared().items():
+            mine, default = getattr(initial, name), defaults[name].default
+            if name != "owl" and mine != value and mine != default:
+                raise ValueError(
+                    f"initial.{name}={mine!r} differs from this config's {name}={value!r}: set {name} on "
+                    "BarberConfig only (it applies to the starting method too)"
+                )
+        return dataclasses.replace(initial, **self._shared())
+
+    def _shared(self) -> dict[str, Any]:
+        shared = {name: getattr(self, name) for name in _SHARED_FIELDS}
+        shared["targets"] = list(self.targets) if self.targets is not None else None
+        shared["owl"] = None  # the engine applies OWL from this config; the starting method never sees it
+        return shared
+
+    @classmethod
+    def _decode_fields(cls, kwargs: dict[str, Any]) -> PruningConfig:
+        if isinstance(kwargs.get("initial"), dict):
+            kwargs = {**kwargs, "initial": PruningConfig.from_dict(kwargs["initial"])}
+        return cls(**kwargs)
+
+    def make_pruner(self) -> LayerPruner:
+        return BarberPruner(self)
+
+
+def _swap_in_groups(scores: torch.Tensor, pruned: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Rebuilt mask for ``[rows, groups, size]`` scores; swaps pair entries of the same group.
+
+    In each group, the best pruned entries are paired with the worst kept ones, in order.
+    A row's swappable pairs are those whose grown score beats the dropped one;
+    ``floor(threshold * count)`` of them, the largest gains first, are swapped.
+    """
+    grow_scores, grow_index = scores.masked_fill(~pruned, -math.inf).sort(dim=-1, descending=True)
+    drop_scores, drop_index = scores.masked_fill(pruned, math.inf).sort(dim=-1)
+    gain = grow_scores - drop_scores  # -inf where a group runs out of pruned or kept entries
+    rows = gain.shape[0]
+    flat = gain.reshape(rows, -1)
+    swaps = torch.floor((flat > 0).sum(dim=1) * threshold).long()
+    import os
+    cap = int(os.environ.get("BARBER_CAP", "0"))
+    if cap:
+        swaps = swaps.clamp(max=cap * gain.shape[1] if gain.shape[0] > 1 else swaps.max())
+    order = flat.argsort(dim=1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    chosen = (rank < swaps.unsqueeze(1)).reshape(gain.shape)
+    grow = torch.zeros_like(pruned).scatter_(-1, grow_index, chosen)
+    drop = torch.zeros_like(pruned).scatter_(-1, drop_index, chosen)
+    return (pruned & ~grow) | drop
+
+
+def rebuild_masks(scores: list[torch.Tensor], masks: list[torch.Tensor], granularity: str, pattern: Pattern,
+                  threshold: float) -> list[torch.Tensor]:
+    """Swap pruned and kept entries of ``masks`` (``True`` = pruned) by ``scores`` (high = important).
+
+    Equal numbers are grown and dropped per row (and per N:M group) for ``"row"``, per
+    weight for ``"layer"``, over all the weights together for ``"block"``.
+    """
+    if granularity == "row":
+        out = []
+        for score, mask in zip(scores, masks):
+            rows, cols = score.shape
+            size = pattern.m if pattern.is_nm else cols
+            shape = (rows, cols // size, size)
+            out.append(_swap_in_groups(score.reshape(shape), mask.reshape(shape), threshold).reshape(rows, cols))
+        return out
+    if granularity == "layer":
+        return [
+            _swap_in_groups(score.reshape(1, 1, -1), mask.reshape(1, 1, -1), threshold).reshape(mask.shape)
+            for score, mask in zip(scores, masks)
+        ]
+    if granularity == "block":
+        flat = _swap_in_groups(torch.cat([s.reshape(-1) for s in scores]).reshape(1, 1, -1),
+                               torch.cat([m.reshape(-1) for m in masks]).reshape(1, 1, -1), threshold).reshape(-1)
+        return [part.reshape(m.shape) for part, m in zip(flat.split([m.numel() for m in masks]), masks)]
+    raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+@dataclass
+class BlockRebuild:
+    """What rebuilding one block did: swapped weights and its output MSE on calibration data."""
+
+    layer: int
+    block: str
+    swapped: int
+    weights: int
+    mse_before: float
+    mse_after: float | None = None
+
+
+class BarberPruner(LayerPruner):
+    """The starting method prunes each operator in the engine's pass; ``finish_layer`` rebuilds the masks.
+
+    ``measure_after`` also measures each block's output MSE after rebuilding (one more pass of the
+    dense and pruned block); ``rebuilds`` keeps one ``BlockRebuild`` per block.
+    """
+
+    def __init__(self, config: BarberConfig, measure_after: bool = False) -> None:
+        super().__init__(config)
+        self.initial = config.initial.make_pruner()
+        self.measure_after = measure_after
+        self.rebuilds: list[BlockRebuild] = []
+        self._dense: dict[str, torch.Tensor] = {}
+
+    def statistics_kind(self, op) -> StatKind:
+        return self.initial.statistics_kind(op)
+
+    def validate(self, op) -> None:
+        self.initial.validate(op)
+
+    def prune_operator(self, op, weight: torch.Tensor, stats: InputStatistics | None,
+                       sparsity: float) -> torch.Tensor:
+        return self.initial.prune_operator(op, weight, stats, sparsity)
+
+    def prune_weight(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: float) -> torch.Tensor:
+        return self.initial.prune_weight(weight, stats, sparsity)
+
+    def start_layer(self, context: LayerContext) -> None:
+        self.initial.start_layer(context)
+        self._dense = {op.name: op.read_weight().detach().clone() for op in context.targets}
+
+    def finish_layer(self, context: LayerContext) -> bool:
+        changed = self.initial.finish_layer(context)
+        try:
+            for block in decoder_blocks(context.layout, context.index, context.targets):
+                changed |= self._rebuild_block(context, block)
+        finally:
+            self._dense = {}
+        return changed
+
+    def _calls(self, context: LayerContext, block: Block):
+        chunk = self.config.grad_batch_size
+        for call in block_calls(context.layer, block, context.inputs, context.call, chunk):
+            yield call.float32()
+
+    def _gradient_pass(self, context: LayerContext, block: Block, state: dict[str, torch.Tensor],
+                       dense: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
+                       curvature: bool) -> dict[str, Any]:
+        """Block output MSE at ``weights`` and its gradient statistics, batch by batch over the calibration data."""
+        config: BarberConfig = self.config  # type: ignore[assignment]
+        names = [op.name for op in block.operators]
+        leaves = {name: weights[name].clone().requires_grad_(True) for name in names}
+        grad_sum = {name: torch.zeros_like(weights[name]) for name in names}
+        square_sum = {name: torch.zeros_like(weights[name]) for name in names}
+        hess_sum = {name: torch.zeros_like(weights[name]) for name in names} if curvature else None
+        error, samples, batches = 0.0, 0, 0
+        total = context.inputs.shape[0]
+        generator = torch.Generator(device=context.inputs.device).manual_seed(context.index)
+        for call in logging.tqdm(self._calls(context, block), desc=f"LLM-Barber {block.name}", unit="batch",
+                                 leave=False, total=math.ceil(total / config.grad_batch_size)):
+            with torch.no_grad():
+                target = run_block(block, state, dense, call)
+            seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            handles = []
+            if curvature:
+                for op in block.operators:
+                    def hook(module, args, output, name=op.name, store=seen):
+                        store[name] = (args[0].detach(), output)
+                    handles.append(op.module.register_forward_hook(hook))
+            with torch.enable_grad():
+                try:
+                    out = run_block(block, state, leaves, call)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                loss = (out - target).square().mean()
+                grads = torch.autograd.grad(loss, [leaves[n] for n in names], retain_graph=curvature)
+                share = call.samples / total
+                for name, grad in zip(names, grads):
+                    grad_sum[name].add_(grad, alpha=share)
+                    square_sum[name].addcmul_(grad, grad)
+                if curvature:
+                    probe = torch.randint(0, 2, out.shape, generator=generator, device=out.device)
+                    probe = probe.to(out.dtype).mul_(2).sub_(1)
+                    ups = torch.autograd.grad(out, [seen[n][1] for n in names], grad_outputs=probe)
+                    scale = 2.0 / out.numel() * share
+                    for name, up in zip(names, ups):
+                        x = seen[name][0]
+                        up2 = up.reshape(-1, up.shape[-1]).square()
+                        x2 = x.reshape(-1, x.shape[-1]).square()
+                        hess_sum[name].addmm_(up2.t(), x2, alpha=scale)
+            error += float(loss.detach()) * call.samples
+            samples += call.samples
+            batches += 1
+            del out, loss, grads, seen
+        rms = {n: (square_sum[n] / max(batches, 1)).sqrt() for n in names}
+        return {"mse": error / max(samples, 1), "grad": grad_sum, "rms": rms, "hess": hess_sum}
+
+    def _rebuild_block(self, context: LayerContext, block: Block) -> bool:
+        config: BarberConfig = self.config  # type: ignore[assignment]
+        ops = block.operators
+        dense = {op.name: self._dense[op.name].to(torch.float32) for op in ops}
+        masks = {op.name: op.read_weight() == 0 for op in ops}
+        if config.keep_initial_updates:
+            start = {op.name: op.read_weight().to(torch.float32, copy=True) for op in ops}
+        else:
+            start = {name: dense[name].masked_fill(masks[name], 0.0) for name in dense}
+        state = float32_state(block.module)
+        import os
+        metric = os.environ.get("BARBER_METRIC", "barber")
+        stats = self._gradient_pass(context, block, state, dense, start, curvature=metric == "taylor")
+        error, samples = stats["mse"], 1
+        names = [op.name for op in ops]
+        # |W|: the dense value where pruned (what growing restores), the current value where kept
+        values = {name: torch.where(masks[name], dense[name], start[name]) for name in names}
+        if metric == "taylor":
+            scores = []
+            for name in names:
+                g, h, pruned = stats["grad"][name], stats["hess"][name], masks[name]
+                delta = torch.where(pruned, dense[name], -start[name])
+                change = g * delta + 0.5 * h * delta.square()
+                scores.append(torch.where(pruned, -change, change))
+        else:
+            scores = [values[name].abs() * stats["rms"][name] for name in names]
+        del stats
+        new_masks = rebuild_masks(scores, [masks[name] for name in names], config.granularity, self.pattern,
+                                  config.threshold)
+        swapped = sum(int((new & ~masks[name]).sum()) for name, new in zip(names, new_masks))
+        changed = swapped > 0 or not config.keep_initial_updates
+        if changed:
+            for op, new in zip(ops, new_masks):
+                op.write_weight(values[op.name].masked_fill_(new, 0.0))
+        record = BlockRebuild(context.index, block.name, swapped, sum(m.numel() for m in new_masks),
+                              error / max(samples, 1))
+        if self.measure_after:
+            record.mse_after = self._block_error(context, block, state, dense)
+        self.rebuilds.append(record)
+        logger.info(
+            "layer %d %s: swapped %d of %d weights (block output MSE before %.4g%s)", context.index, block.name,
+            swapped, record.weights, record.mse_before,
+            "" if record.mse_after is None else f", after {record.mse_after:.4g}",
+        )
+        return changed
+
+    def _block_error(self, context: LayerContext, block: Block, state: dict[str, torch.Tensor],
+                     dense: dict[str, torch.Tensor]) -> float:
+        """Mean squared difference between the dense and current block outputs on the pruned block's input."""
+        current = {op.name: op.read_weight().to(torch.float32) for op in block.operators}
+        total, samples = 0.0, 0
+        with torch.no_grad():
+            for call in self._calls(context, block):
+                diff = run_block(block, state, current, call) - run_block(block, state, dense, call)
+                total += float(diff.square().mean()) * call.samples
+                samples += call.samples
+        return total / max(samples, 1)
