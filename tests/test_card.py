@@ -13,8 +13,9 @@ from huggingface_hub import ModelCard
 from tiny_models import VOCAB, tiny_model
 
 from hf_prune import MagnitudeConfig, PruningConfig, SparseGPTConfig, WandaConfig
-from hf_prune.card import PLOT_NAME, CardInfo, escape_markdown, read_checkpoint, reproduce_commands, write_card
+from hf_prune.card import PLOT_NAME, CardInfo, read_checkpoint, reproduce_commands, write_card
 from hf_prune.cli import build_config, main, make_parser
+from hf_prune.markdown import escape_markdown
 from hf_prune.provenance import describe_source, record_evaluation
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -330,3 +331,12 @@ def test_real_structured_then_2of4_card_and_commands(token_ids, tmp_path):
     for command, record in zip(commands, checkpoint.chain):
         args = make_parser().parse_args(shlex.split(command.replace("\\\n", " "))[1:])
         assert build_config(args).to_dict() == PruningConfig.from_dict(record).to_dict()
+
+
+def test_without_matplotlib_the_card_has_no_plot(token_ids, tmp_path, monkeypatch):
+    monkeypatch.setattr("hf_prune.plots.matplotlib_available", lambda: False)
+    model = _pruned(MagnitudeConfig(sparsity=0.5), token_ids)
+    out = tmp_path / "noplot"
+    model.save_pretrained(out)
+    card = _card(out)
+    assert not (out / PLOT_NAME).exists() and "![" not in card.text and "| 1 | 50.00% | 50.00% |" in card.text
