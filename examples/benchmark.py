@@ -9,7 +9,8 @@ memory is its own.
 
 llm-compressor lives in its own virtual environment (``pip install llmcompressor``); leave
 ``--llmc-python`` out to time hf_prune alone. Peak memory is the highest resident set
-size sampled while pruning (the model itself included).
+size sampled while pruning (the model itself included). Wall time and CPU time (all threads)
+are both reported: on a shared machine CPU time is the steadier of the two.
 """
 
 from __future__ import annotations
@@ -76,16 +77,13 @@ def windowed_perplexity(model, ids, seq_len: int, windows: int) -> float:
     return math.exp(total / count)
 
 
-def load_smollm2(gguf_path: str):
+def load_dense(directory: str):
+    """The dense fp32 checkpoint ``prepare`` wrote (both tools load the very same files)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory, name = os.path.split(gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     return model, tokenizer
 
 
@@ -93,12 +91,13 @@ def worker(args: argparse.Namespace) -> None:
     """One pruning run; prints a JSON line with its measurements."""
     import torch
 
-    data = torch.load(args.data)
-    model, _ = load_smollm2(args.gguf)
+    data = torch.load(os.path.join(args.data, "tokens.pt"))
+    model, tokenizer = load_dense(os.path.join(args.data, "dense"))
     calibration = data["calibration"]
     sparsity = 0.5
     with PeakMemory() as memory:
         start = time.perf_counter()
+        cpu_start = time.process_time()
         if args.tool == "dense":
             pass
         elif args.tool == "hf_prune":
@@ -121,36 +120,44 @@ def worker(args: argparse.Namespace) -> None:
             recipe = modifier_cls(sparsity=sparsity, mask_structure=mask, targets=["Linear"], ignore=["lm_head"])
             dataset = Dataset.from_dict({"input_ids": calibration.tolist(),
                                          "attention_mask": torch.ones_like(calibration).tolist()})
-            oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=calibration.shape[0],
-                    max_seq_length=calibration.shape[1], shuffle_calibration_samples=False)
+            oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe,
+                    num_calibration_samples=calibration.shape[0], max_seq_length=calibration.shape[1],
+                    shuffle_calibration_samples=False)
         seconds = time.perf_counter() - start
+        cpu_seconds = time.process_time() - cpu_start
     linear = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     zeros = sum(int((w == 0).sum()) for w in linear) / sum(w.numel() for w in linear)
     ppl = windowed_perplexity(model, data["eval"], args.eval_seq_len, args.eval_windows)
     print("RESULT " + json.dumps({"tool": args.tool, "method": args.method, "pattern": args.pattern,
-                                  "perplexity": ppl, "seconds": seconds, "peak_rss": memory.peak,
-                                  "sparsity": zeros}), flush=True)
+                                  "perplexity": ppl, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                                  "peak_rss": memory.peak, "sparsity": zeros}), flush=True)
 
 
-def prepare(args: argparse.Namespace, path: str) -> None:
-    """Tokenize once: calibration windows and evaluation ids, shared by every worker."""
+def prepare(args: argparse.Namespace, folder: str) -> None:
+    """Once for every worker: the dense model as an fp32 safetensors checkpoint (from the
+    GGUF file), the calibration windows and the evaluation token ids."""
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_prune.calibration import BUNDLED_C4, tokenize_windows
+    from hf_prune.modeling import detach_gguf_quantizer
 
     directory, name = os.path.split(args.gguf)
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    detach_gguf_quantizer(model)
+    model.save_pretrained(os.path.join(folder, "dense"))
+    tokenizer.save_pretrained(os.path.join(folder, "dense"))
     calibration = tokenize_windows(BUNDLED_C4.read_text(encoding="utf-8"), tokenizer, args.num_samples,
                                    args.seq_len, 0, "c4-sample").input_ids
     eval_ids = torch.tensor(tokenizer(Path(args.eval_text).read_text(encoding="utf-8"),
                                       add_special_tokens=False)["input_ids"])
-    torch.save({"calibration": calibration, "eval": eval_ids}, path)
+    torch.save({"calibration": calibration, "eval": eval_ids}, os.path.join(folder, "tokens.pt"))
 
 
 def run_worker(python: str, args: argparse.Namespace, data: str, tool: str, method: str, pattern: str) -> dict:
     command = [python, str(Path(__file__).resolve()), "--worker", "--tool", tool, "--method", method,
-               "--pattern", pattern, "--data", data, "--gguf", args.gguf,
+               "--pattern", pattern, "--data", data,
                "--eval-seq-len", str(args.eval_seq_len), "--eval-windows", str(args.eval_windows)]
     env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -189,7 +196,7 @@ def main() -> None:
         args.gguf = os.path.join(directory, name)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = os.path.join(tmp, "tokens.pt")
+        data = tmp
         prepare(args, data)
         results.append(run_worker(sys.executable, args, data, "dense", "-", "-"))
         print(f"dense perplexity {results[0]['perplexity']:.2f}", flush=True)
@@ -208,16 +215,17 @@ def main() -> None:
 
 def print_table(results: list[dict]) -> None:
     by_key = {(r["tool"], r["method"], r["pattern"]): r for r in results}
-    print("\n| method | pattern | tool | perplexity | prune time (s) | peak RSS (GiB) | sparsity |"
-          " ppl vs llmc | time vs llmc | memory vs llmc |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| method | pattern | tool | perplexity | prune wall (s) | prune CPU (s) | peak RSS (GiB) | sparsity |"
+          " ppl vs llmc | wall vs llmc | CPU vs llmc | memory vs llmc |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ref = by_key.get(("llmcompressor", r["method"], r["pattern"]))
-        ratios = ["", "", ""]
+        ratios = ["", "", "", ""]
         if ref and r["tool"] == "hf_prune":
             ratios = [f"{r['perplexity'] / ref['perplexity']:.3f}x", f"{r['seconds'] / ref['seconds']:.2f}x",
-                      f"{r['peak_rss'] / ref['peak_rss']:.2f}x"]
+                      f"{r['cpu_seconds'] / ref['cpu_seconds']:.2f}x", f"{r['peak_rss'] / ref['peak_rss']:.2f}x"]
         print(f"| {r['method']} | {r['pattern']} | {r['tool']} | {r['perplexity']:.2f} | {r['seconds']:.1f} | "
+              f"{r['cpu_seconds']:.1f} | "
               f"{r['peak_rss'] / 2**30:.2f} | {r['sparsity']:.4f} | " + " | ".join(ratios) + " |")
 
 

@@ -7,15 +7,33 @@ from .calibration import CalibrationError
 from .config import OWLSettings, PruningConfig, registered_methods
 from .evaluation import evaluate_perplexity
 from .layer_pass import NonFiniteActivationError
-from .methods import MagnitudeConfig, SparseGPTConfig, WandaConfig
+from .lora import MergeReport, apply_lora, merge_lora_keep_sparsity
+from .masks import SparsityMasks
+from .methods import (
+    ActivationNormStructuredConfig,
+    BarberConfig,
+    FISTAConfig,
+    L1NormStructuredConfig,
+    LLMRankConfig,
+    MagnitudeConfig,
+    SparseGPTConfig,
+    WandaConfig,
+)
 from .modeling import AutoPrunedModelForCausalLM, PrunedModelForCausalLM
-from .record import PruningRecordMismatchError
+from .record import PruningRecordMismatchError, StructureMismatchError
 from .report import PruningReport, measure_sparsity
+from .training import SparsityCallback, prepare_for_training
 
 __all__ = [
+    "ActivationNormStructuredConfig",
     "AutoPrunedModelForCausalLM",
+    "BarberConfig",
     "CalibrationError",
+    "FISTAConfig",
+    "L1NormStructuredConfig",
+    "LLMRankConfig",
     "MagnitudeConfig",
+    "MergeReport",
     "NonFiniteActivationError",
     "OWLSettings",
     "PrunedModelForCausalLM",
@@ -23,11 +41,17 @@ __all__ = [
     "PruningRecordMismatchError",
     "PruningReport",
     "SparseGPTConfig",
+    "SparsityCallback",
+    "SparsityMasks",
+    "StructureMismatchError",
     "UnsupportedArchitectureError",
     "WandaConfig",
     "__version__",
+    "apply_lora",
     "evaluate_perplexity",
     "measure_sparsity",
+    "merge_lora_keep_sparsity",
+    "prepare_for_training",
     "registered_methods",
     "supported_model_types",
 ]

@@ -18,9 +18,10 @@ from .calibration import CalibrationInput, build_calibration
 from .config import PruningConfig
 from .engine import prune_model
 from .provenance import describe_source
-from .record import make_record, verify_record
+from .record import StructureMismatchError, make_record, verify_record
 from .report import PruningReport, measure_sparsity
 from .saving import check_not_source, staged_directory
+from .structured import LOADER_ADVICE, model_shape, rebuild_recorded_structure, structure_record
 
 logger = logging.get_logger(__name__)
 
@@ -62,6 +63,11 @@ class PrunedModelForCausalLM:
 
     pruning_config: PruningConfig | None = None
 
+    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        """Build as transformers does, then shrink the layers to the sizes a structured record names."""
+        super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]
+        rebuild_recorded_structure(self)  # type: ignore[arg-type]
+
     @classmethod
     def from_pretrained(
         cls,
@@ -79,7 +85,16 @@ class PrunedModelForCausalLM:
         its record is checked against the weights and it is not pruned again unless a new
         ``pruning_config`` is passed (which is then applied on top).
         """
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)  # type: ignore[misc]
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)  # type: ignore[misc]
+        except RuntimeError as err:
+            if "mismatch" not in str(err).lower():
+                raise
+            raise StructureMismatchError(
+                f"the weights in {pretrained_model_name_or_path} do not have the layer shapes of the config they were "
+                f"loaded with. {LOADER_ADVICE}; pass no `config=` that lacks the record. transformers said: "
+                f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r}"
+            ) from err
         detach_gguf_quantizer(model)
         model._hf_prune_sources = _source_directories(pretrained_model_name_or_path)
         if kwargs.get("gguf_file"):
@@ -124,11 +139,13 @@ class PrunedModelForCausalLM:
                 calibration_data, tokenizer, config.calibration, config.num_samples, config.seq_len, config.seed
             )
         source = describe_source(self)  # type: ignore[arg-type]
+        shape_before = model_shape(self)  # type: ignore[arg-type]
         run = prune_model(self, config, calibration)  # type: ignore[arg-type]
         report = measure_sparsity(self)  # type: ignore[arg-type]
         previous = getattr(self.config, "pruning_config", None)
         self.config.pruning_config = make_record(
-            config, calibration.record if calibration else None, run.layer_sparsity, report, previous
+            config, calibration.record if calibration else None, run.layer_sparsity, report, previous,
+            structure=structure_record(self, shape_before, previous),  # type: ignore[arg-type]
         )
         self.config.pruning_config["source"] = source
         self.pruning_config = config
