@@ -11,8 +11,9 @@ from hf_prune import WandaConfig, evaluate_perplexity
 
 WINDOWS = 16
 # Measured here (seed 0, 32 x 512 calibration tokens from the bundled C4 sample, first 16
-# windows of 512 tokens of wiki_sample.txt): dense 21.5, Wanda 50% unstructured 46.6.
-WANDA_BOUND = 52.0
+# windows of 512 tokens of wiki_sample.txt): dense 20.17, Wanda 50% unstructured 44.09.
+# The bound leaves 10% for numerical drift across torch builds and CPUs.
+WANDA_BOUND = 48.5
 
 
 @pytest.mark.slow
