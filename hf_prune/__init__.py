@@ -16,6 +16,7 @@ from .methods import (
     L1NormStructuredConfig,
     LLMRankConfig,
     MagnitudeConfig,
+    MutualInfoConfig,
     SparseGPTConfig,
     WandaConfig,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "LLMRankConfig",
     "MagnitudeConfig",
     "MergeReport",
+    "MutualInfoConfig",
     "NonFiniteActivationError",
     "OWLSettings",
     "PrunedModelForCausalLM",

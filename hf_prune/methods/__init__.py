@@ -5,6 +5,7 @@ from .base import LayerPruner
 from .fista import FISTAConfig
 from .llm_rank import LLMRankConfig
 from .magnitude import MagnitudeConfig
+from .mutual_info import MutualInfoConfig
 from .sparsegpt import SparseGPTConfig
 from .structured_baselines import ActivationNormStructuredConfig, L1NormStructuredConfig
 from .wanda import WandaConfig
@@ -17,6 +18,7 @@ __all__ = [
     "LLMRankConfig",
     "LayerPruner",
     "MagnitudeConfig",
+    "MutualInfoConfig",
     "SparseGPTConfig",
     "WandaConfig",
 ]
