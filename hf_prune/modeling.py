@@ -163,7 +163,13 @@ class PrunedModelForCausalLM:
         half-written in ``save_directory``. A pruned model also gets its model card
         (``README.md``) and per-layer plot; ``model_card=False`` skips them, a
         ``hf_prune.card.CardInfo`` adds what the record cannot know (base model, license, notes).
+        Under torch.distributed only rank 0 writes (every rank holds the whole pruned model).
         """
+        from .parallel import is_main_process
+
+        if not (kwargs.get("is_main_process", True) and is_main_process()):
+            logger.info("not the main process: %s is left to rank 0", save_directory)
+            return
         check_not_source(save_directory, getattr(self, "_hf_prune_sources", set()))
         push = kwargs.pop("push_to_hub", False)
         model_card = kwargs.pop("model_card", True)

@@ -33,7 +33,10 @@ Degenerate inputs: an operator whose inputs are all zero (``G = 0``) cannot chan
 layer's output, so its warm start is returned as it is; rank-deficient ``G`` needs no
 fallback (nothing is inverted, the l1 term keeps the problem well posed; ``ridge`` adds
 ``δ·mean(diag G)`` to make it strongly convex, as a pull towards the dense weights);
-NaN/Inf statistics or a diverging solve raise ``ValueError`` rather than return NaN.
+NaN/Inf statistics or a diverging solve raise ``ValueError`` rather than return NaN. A
+kept weight whose input channel is always zero (its gradient is exactly zero), or where
+too few tokens already give an exact fit, may stay at 0: such a row ends sparser than
+asked, never denser (as with SparseGPT, which zeroes dead channels).
 """
 
 from __future__ import annotations
