@@ -1,10 +1,10 @@
 """Mutual-information pruning on SmolLM2-135M against LLM-Rank and L1-norm, in one run; scoring time.
 
 For each share of MLP neurons removed (10%, 20%, 30% by default) this prunes a copy of the
-dense model (fp32, CPU) with ``mutual_info`` (compensation on, then off), LLM-Rank and the
+dense model (fp32, CPU) with ``mutual-info`` (compensation on, then off), LLM-Rank and the
 L1-norm baseline, and reports perplexity on the first 48 windows of 512 tokens of
 wiki_sample.txt, its ratio to L1-norm and to LLM-Rank at the same amount, pruning time,
-and for mutual_info the time spent scoring each layer (``select_redundant``: moments,
+and for mutual-info the time spent scoring each layer (``select_redundant``: moments,
 estimator, greedy removal) on the real activations. All methods keep the same number of
 neurons per layer at a given amount.
 
@@ -36,8 +36,8 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_EVAL = HERE.parent.parent / "shared" / "data" / "wiki_sample.txt"
 #: (label, method, extra fields)
 RUNS = (
-    ("mutual_info+comp", "mutual_info", {"compensate": True}),
-    ("mutual_info", "mutual_info", {"compensate": False}),
+    ("mutual-info+comp", "mutual-info", {"compensate": True}),
+    ("mutual-info", "mutual-info", {"compensate": False}),
     ("llm-rank", "llm-rank", {}),
     ("l1-norm", "l1-norm-structured", {}),
 )
@@ -119,7 +119,7 @@ def make_config(method: str, extra: dict, amount: float, args: argparse.Namespac
 
     data = {"method": method, "amount": amount, "calibration": "c4-sample", "num_samples": args.num_samples,
             "seq_len": args.seq_len, "seed": 0, "device": "cpu", **extra}
-    if method == "mutual_info":
+    if method == "mutual-info":
         data.update(estimator=args.estimator, num_tokens=args.num_tokens)
     return PruningConfig.from_dict(data)
 

@@ -240,7 +240,7 @@ def test_end_to_end_shrinks_and_reloads(family, estimator, token_ids, tmp_path):
     kept = [layer_sizes(layout, i).mlp_neurons for i in range(len(layout))]
     assert kept == [kept_count(w, 0.3, 8) for w in widths] and all(k < w for k, w in zip(kept, widths))
     record = model.config.pruning_config
-    assert record["method"] == "mutual_info" and record["estimator"] == estimator
+    assert record["method"] == "mutual-info" and record["estimator"] == estimator
     assert record["num_tokens"] == (16384 if estimator == "gaussian" else 256)
     assert (record["alpha"], record["bandwidth"], record["compensate"]) == (2.0, "silverman", True)
     assert record["structure"]["mlp_neurons"] == kept and record["structure"]["dense"]["mlp_neurons"] == widths
@@ -287,4 +287,4 @@ def test_config_round_trip_and_errors():
         with pytest.raises(ValueError, match=message):
             MutualInfoConfig(**kwargs)
     with pytest.raises(ValueError, match="unknown field"):
-        PruningConfig.from_dict({"method": "mutual_info", "estimater": "gaussian"})
+        PruningConfig.from_dict({"method": "mutual-info", "estimater": "gaussian"})

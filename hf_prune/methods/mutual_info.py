@@ -75,7 +75,7 @@ class MutualInfoConfig(StructuredConfig):
     ``LLMRankConfig`` or ``L1NormStructuredConfig``).
     """
 
-    method: ClassVar[str] = "mutual_info"
+    method: ClassVar[str] = "mutual-info"
     paper: ClassVar[str] = "https://arxiv.org/abs/2406.00030"
 
     estimator: str = "gaussian"
@@ -265,7 +265,7 @@ class MutualInfoPruner(StructuredPruner):
         super().start_layer(context)
         self._drop_sample()
         if context.inputs is None:
-            raise ValueError("mutual_info needs calibration data: pass calibration_data= or a tokenizer")
+            raise ValueError("mutual-info needs calibration data: pass calibration_data= or a tokenizer")
         total = context.inputs.shape[0] * context.inputs.shape[1]
         down = operator(context.layout, context.index, context.layout.spec.mlp_out)
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + context.index)

@@ -63,9 +63,9 @@ class StructuredConfig(PruningConfig):
                 f"pattern={self.pattern!r} does not apply to {type(self).__name__}: it removes whole neurons and "
                 "heads. To add an N:M pattern, prune again afterwards with e.g. WandaConfig(pattern='2:4')"
             )
-        super().__post_init__()
         if isinstance(self.amount, bool) or not isinstance(self.amount, (int, float)) or not 0 <= self.amount < 1:
             raise ValueError(f"amount must be in [0, 1) (the share of MLP neurons removed), got {self.amount!r}")
+        super().__post_init__()
         self.amount = float(self.amount)
         if self.head_amount is not None and (isinstance(self.head_amount, bool)
                                              or not isinstance(self.head_amount, (int, float))
