@@ -1,4 +1,5 @@
-"""Structured pruning on SmolLM2-135M: LLM-Rank against L1-norm and activation-norm, in one run.
+"""Structured pruning on SmolLM2-135M: LLM-Rank and mutual-information pruning (compensation on
+and off) against L1-norm and activation-norm, in one run.
 
 For each method and share of MLP neurons removed (10%, 20%, 30% by default) this prunes a
 copy of the dense model (fp32, CPU), then reports perplexity (first 48 windows of 512
@@ -31,7 +32,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_EVAL = HERE.parent.parent / "shared" / "data" / "wiki_sample.txt"
-METHODS = ("llm-rank", "l1-norm-structured", "activation-norm-structured")
+METHODS = ("llm-rank", "l1-norm-structured", "activation-norm-structured", "mutual-info",
+           "mutual-info-uncompensated")
+#: benchmark names that are a method with some fields set
+VARIANTS = {"mutual-info-uncompensated": ("mutual-info", {"compensate": False})}
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,7 +58,8 @@ def parse_args() -> argparse.Namespace:
 def make_config(method: str, amount: float, args: argparse.Namespace):
     from hf_prune import PruningConfig
 
-    data = {"method": method, "amount": amount, "calibration": "c4-sample", "num_samples": args.num_samples,
+    method, fields = VARIANTS.get(method, (method, {}))
+    data = {"method": method, "amount": amount, **fields, "calibration": "c4-sample", "num_samples": args.num_samples,
             "seq_len": args.seq_len, "seed": 0, "device": "cpu"}
     if method == "llm-rank":
         for item in args.param:

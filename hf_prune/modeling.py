@@ -187,8 +187,14 @@ class PrunedModelForCausalLM:
 
         Saves to a temporary folder (weights, config with the pruning record, tokenizer,
         README.md card, per-layer plot), then creates the repo if needed and uploads it in one
-        commit. A model without a pruning record is pushed by transformers unchanged.
+        commit. A model without a pruning record is pushed by transformers unchanged. Under
+        torch.distributed only rank 0 pushes.
         """
+        from .parallel import is_main_process
+
+        if not is_main_process():
+            logger.info("not the main process: pushing %s is left to rank 0", repo_id)
+            return None
         if not self.is_pruned:
             return super().push_to_hub(repo_id, *args, **kwargs)  # type: ignore[misc]
         from .hub import push_pruned_model
