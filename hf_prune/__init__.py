@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .architectures import UnsupportedArchitectureError, supported_model_types
 from .calibration import CalibrationError
+from .compressed import CompressedCheckpointError
 from .config import OWLSettings, PruningConfig, registered_methods
 from .evaluation import evaluate_perplexity
 from .layer_pass import NonFiniteActivationError
@@ -23,6 +24,7 @@ from .methods import (
 from .modeling import AutoPrunedModelForCausalLM, PrunedModelForCausalLM
 from .record import PruningRecordMismatchError, StructureMismatchError
 from .report import PruningReport, measure_sparsity
+from .sparse_kernels import SparseKernelError, SparseKernelReport, sparse_kernel_plan, to_sparse_kernels
 from .training import SparsityCallback, prepare_for_training
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "AutoPrunedModelForCausalLM",
     "BarberConfig",
     "CalibrationError",
+    "CompressedCheckpointError",
     "FISTAConfig",
     "L1NormStructuredConfig",
     "LLMRankConfig",
@@ -43,6 +46,8 @@ __all__ = [
     "PruningRecordMismatchError",
     "PruningReport",
     "SparseGPTConfig",
+    "SparseKernelError",
+    "SparseKernelReport",
     "SparsityCallback",
     "SparsityMasks",
     "StructureMismatchError",
@@ -55,5 +60,7 @@ __all__ = [
     "merge_lora_keep_sparsity",
     "prepare_for_training",
     "registered_methods",
+    "sparse_kernel_plan",
     "supported_model_types",
+    "to_sparse_kernels",
 ]

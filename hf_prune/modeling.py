@@ -15,6 +15,7 @@ from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoTokenizer,
 from transformers.utils import logging
 
 from .calibration import CalibrationInput, build_calibration
+from .compressed import compress_checkpoint, compressed_layout, load_compressed
 from .config import PruningConfig
 from .engine import prune_model
 from .provenance import describe_source
@@ -86,7 +87,12 @@ class PrunedModelForCausalLM:
         ``pruning_config`` is passed (which is then applied on top).
         """
         try:
-            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)  # type: ignore[misc]
+            loader = super().from_pretrained  # type: ignore[misc]
+            if compressed_layout(kwargs.get("config")) is not None:  # values + bitmask: rebuilt dense, then loaded
+                model = load_compressed(loader, pretrained_model_name_or_path, *model_args, hub_keys=_HUB_KWARGS,
+                                        **kwargs)
+            else:
+                model = loader(pretrained_model_name_or_path, *model_args, **kwargs)
         except RuntimeError as err:
             if "mismatch" not in str(err).lower():
                 raise
@@ -163,6 +169,8 @@ class PrunedModelForCausalLM:
         half-written in ``save_directory``. A pruned model also gets its model card
         (``README.md``) and per-layer plot; ``model_card=False`` skips them, a
         ``hf_prune.card.CardInfo`` adds what the record cannot know (base model, license, notes).
+        ``compressed=True`` stores sparse weights as non-zero values plus a bitmask
+        (``hf_prune.compressed``); such checkpoints load only with ``AutoPrunedModelForCausalLM``.
         Under torch.distributed only rank 0 writes (every rank holds the whole pruned model).
         """
         from .parallel import is_main_process
@@ -173,12 +181,17 @@ class PrunedModelForCausalLM:
         check_not_source(save_directory, getattr(self, "_hf_prune_sources", set()))
         push = kwargs.pop("push_to_hub", False)
         model_card = kwargs.pop("model_card", True)
+        compressed = kwargs.pop("compressed", False)
+        if compressed and not self.is_pruned:
+            raise ValueError("compressed=True is for pruned models (it stores their zeros as a bitmask); prune first")
         with staged_directory(save_directory) as staging:
             super().save_pretrained(staging, *args, **kwargs)  # type: ignore[misc]
             if model_card is not False and self.is_pruned:
                 from .card import CardInfo, write_card
 
                 write_card(staging, model_card if isinstance(model_card, CardInfo) else None)
+            if compressed:
+                compress_checkpoint(staging)
         if push:
             self.push_to_hub(kwargs.get("repo_id") or Path(save_directory).name)  # type: ignore[attr-defined]
 
