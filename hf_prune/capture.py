@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .architectures import DecoderLayout
+from .offload import execution_device
 
 
 @dataclass
@@ -55,17 +56,24 @@ def capture_layer_inputs(layout: DecoderLayout, input_ids: torch.Tensor) -> tupl
 
         return record
 
+    own_forwards = [layer.__dict__.get("forward") for layer in layout.layers]  # accelerate hooks live there
     for index, layer in enumerate(layout.layers):
         layer.forward = make_recorder(index)
     base = layout.model.base_model
-    device = layout.model.get_input_embeddings().weight.device
+    embeddings = layout.model.get_input_embeddings()
+    device = embeddings.weight.device
+    if device.type == "meta":  # offloaded by accelerate: its hook runs it on its execution device
+        device = execution_device(embeddings) or torch.device("cpu")
     try:
         with torch.no_grad():
             for row in input_ids:
                 base(input_ids=row.unsqueeze(0).to(device), use_cache=False)
     finally:
-        for layer in layout.layers:
-            del layer.forward
+        for layer, forward in zip(layout.layers, own_forwards):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
     if any(call is None for call in calls):
         raise RuntimeError("some decoder layers were never called during input capture; is this a decoder-only model?")
     return torch.cat(first_inputs, dim=0), calls  # type: ignore[return-value]

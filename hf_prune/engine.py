@@ -24,8 +24,9 @@ from .architectures import DecoderLayout, Operator
 from .calibration import CalibrationSet
 from .capture import LayerCall, capture_layer_inputs, move_to
 from .config import PruningConfig
-from .layer_pass import StatisticsCollector, check_finite, move_layer, run_layer
+from .layer_pass import StatisticsCollector, check_finite, run_layer
 from .methods.base import LayerContext, LayerPruner
+from .offload import OffloadStats, activation_bytes, free_device_bytes, is_offloaded, layer_on_device, plan_activations
 from .owl import owl_layer_sparsities
 from .statistics import InputStatistics
 
@@ -38,6 +39,7 @@ class PruningRun:
 
     layer_sparsity: list[float]
     seconds: float
+    offload: OffloadStats | None = None
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -67,6 +69,12 @@ def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: Cali
         for op in ops:
             pruner.validate(op)
     device = resolve_device(config.device)
+    offload = OffloadStats() if is_offloaded(model) else None
+    if offload is not None and (config.owl is not None or getattr(pruner, "dense_inputs", False)):
+        raise ValueError(
+            f"{'OWL' if config.owl is not None else config.method!r} cannot prune a model whose layers are offloaded "
+            "by accelerate (device_map with 'cpu'/'disk'); load it without offloading or use a sequential method"
+        )
     was_training = model.training
     model.eval()
     try:
@@ -75,10 +83,11 @@ def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: Cali
             for index in logging.tqdm(range(len(layout)), desc="Pruning layers", unit="layer"):
                 context = LayerContext(layout, index, layout.layers[index], None, None, targets[index],
                                        sparsities[index], device, 1)
-                pruner.start_layer(context)
-                for op in targets[index] if pruner.prunes_operators else ():
-                    prune_operator_now(pruner, op, None, sparsities[index], device)
-                pruner.finish_layer(context)
+                with layer_on_device(model, layout.layers[index], layout.layer_prefix(index), device, offload):
+                    pruner.start_layer(context)
+                    for op in targets[index] if pruner.prunes_operators else ():
+                        prune_operator_now(pruner, op, None, sparsities[index], device)
+                    pruner.finish_layer(context)
         else:
             if calibration is None:
                 raise ValueError(f"method {config.method!r} needs calibration data")
@@ -92,57 +101,70 @@ def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: Cali
 
                 prune_layers_parallel(layout, targets, pruner, hidden, calls, config, device, sparsities)
             else:
-                _prune_with_data(layout, targets, pruner, hidden, calls, config, device, sparsities)
+                _prune_with_data(layout, targets, pruner, hidden, calls, config, device, sparsities, offload)
     finally:
         model.train(was_training)
-    return PruningRun(sparsities, time.perf_counter() - start_time)
+    return PruningRun(sparsities, time.perf_counter() - start_time, offload)
 
 
 def _prune_with_data(layout: DecoderLayout, targets: list[list[Operator]], pruner: LayerPruner,
                      hidden: torch.Tensor, calls: list[LayerCall], config: PruningConfig,
-                     device: torch.device, sparsities: list[float]) -> None:
+                     device: torch.device, sparsities: list[float], offload: OffloadStats | None = None) -> None:
     samples = hidden.shape[0]
     batch_size = min(config.batch_size or samples, samples)
+    storage, fitting_batch = plan_activations(
+        activation_bytes(*hidden.shape, hidden.dtype), samples, device, free_device_bytes(device)
+    )
+    if fitting_batch is not None and fitting_batch < batch_size:
+        logger.warning("calibration activations do not fit on %s: kept on the CPU, %d samples per forward",
+                       device, fitting_batch)
+        batch_size = fitting_batch
     one_pass = pruner.prunes_operators and batch_size >= samples
-    hidden = hidden.to(device)
+    hidden = hidden.to(storage)
     for index in logging.tqdm(range(len(layout)), desc="Pruning layers", unit="layer"):
-        layer = layout.layers[index]
-        original_device = move_layer(layer, device)
-        call = LayerCall(move_to(calls[index].args, device), move_to(calls[index].kwargs, device))
-        sparsity = sparsities[index]
+        with layer_on_device(layout.model, layout.layers[index], layout.layer_prefix(index), device, offload):
+            hidden = _prune_layer(layout, targets, pruner, hidden, calls, device, sparsities, index, batch_size,
+                                  one_pass)
 
-        def prune_now(op: Operator, stats: InputStatistics | None, sparsity: float = sparsity) -> None:
-            prune_operator_now(pruner, op, stats, sparsity, device)
 
-        context = LayerContext(layout, index, layer, hidden, call, targets[index], sparsity, device, batch_size)
-        pruner.start_layer(context)
-        collector = StatisticsCollector(
-            targets[index], pruner.statistics_kind, device, on_ready=prune_now if one_pass else None
-        )
-        try:
-            outputs = run_layer(layer, hidden, call, batch_size, collector.end_batch)
-        finally:
-            collector.remove()
-        context.stats = collector.stats
-        if one_pass:
-            missing = [op.name for op in targets[index] if op.name not in collector.done]
-            if missing:
-                raise RuntimeError(
-                    f"targeted operators {missing} were never called in their layer's forward pass, so they "
-                    "have no calibration statistics; exclude them with `targets`"
-                )
-            if pruner.finish_layer(context):
-                outputs = run_layer(layer, hidden, call, batch_size)
-        else:
-            if pruner.prunes_operators:
-                for op in targets[index]:
-                    prune_now(op, collector.stats.get(op.name))
-            changed = pruner.finish_layer(context)
-            if pruner.prunes_operators or changed:
-                outputs = run_layer(layer, hidden, call, batch_size)
-        del context
-        del collector
-        check_finite(outputs, index, layout.model.dtype)
-        hidden = outputs
-        if original_device != device:
-            layer.to(original_device)
+def _prune_layer(layout: DecoderLayout, targets: list[list[Operator]], pruner: LayerPruner, hidden: torch.Tensor,
+                 calls: list[LayerCall], device: torch.device, sparsities: list[float], index: int,
+                 batch_size: int, one_pass: bool) -> torch.Tensor:
+    """Prune decoder layer ``index`` (already on ``device``); return its outputs for ``hidden``."""
+    layer = layout.layers[index]
+    call = LayerCall(move_to(calls[index].args, device), move_to(calls[index].kwargs, device))
+    sparsity = sparsities[index]
+
+    def prune_now(op: Operator, stats: InputStatistics | None, sparsity: float = sparsity) -> None:
+        prune_operator_now(pruner, op, stats, sparsity, device)
+
+    context = LayerContext(layout, index, layer, hidden, call, targets[index], sparsity, device, batch_size)
+    pruner.start_layer(context)
+    collector = StatisticsCollector(
+        targets[index], pruner.statistics_kind, device, on_ready=prune_now if one_pass else None
+    )
+    try:
+        outputs = run_layer(layer, hidden, call, batch_size, collector.end_batch)
+    finally:
+        collector.remove()
+    context.stats = collector.stats
+    if one_pass:
+        missing = [op.name for op in targets[index] if op.name not in collector.done]
+        if missing:
+            raise RuntimeError(
+                f"targeted operators {missing} were never called in their layer's forward pass, so they "
+                "have no calibration statistics; exclude them with `targets`"
+            )
+        if pruner.finish_layer(context):
+            outputs = run_layer(layer, hidden, call, batch_size)
+    else:
+        if pruner.prunes_operators:
+            for op in targets[index]:
+                prune_now(op, collector.stats.get(op.name))
+        changed = pruner.finish_layer(context)
+        if pruner.prunes_operators or changed:
+            outputs = run_layer(layer, hidden, call, batch_size)
+    del context
+    del collector
+    check_finite(outputs, index, layout.model.dtype)
+    return outputs

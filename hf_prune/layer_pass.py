@@ -76,15 +76,20 @@ class StatisticsCollector:
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, batch_size: int,
               on_batch_end: Callable[[], None] | None = None) -> torch.Tensor:
-    """Outputs of ``layer`` for ``hidden`` ([n, seq, dim]), ``batch_size`` samples at a time."""
+    """Outputs of ``layer`` for ``hidden`` ([n, seq, dim]), ``batch_size`` samples at a time.
+
+    Hidden states kept off the layer's device (calibration activations offloaded to the
+    CPU) are moved there one batch at a time, and the outputs come back beside them.
+    """
     outputs = []
+    on_device = next((p.device for p in layer.parameters() if p.device.type != "meta"), hidden.device)
     starts = range(0, hidden.shape[0], batch_size)
     if len(starts) > 1:
         starts = logging.tqdm(starts, desc="Calibration batches", unit="batch", leave=False)
     with torch.no_grad():
         for start in starts:
-            out = layer(hidden[start:start + batch_size], *call.args, **call.kwargs)
-            outputs.append(out[0] if isinstance(out, tuple) else out)
+            out = layer(hidden[start:start + batch_size].to(on_device), *call.args, **call.kwargs)
+            outputs.append((out[0] if isinstance(out, tuple) else out).to(hidden.device))
             if on_batch_end is not None:
                 on_batch_end()
     return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]

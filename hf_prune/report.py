@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .architectures import DecoderLayout
+from .offload import read_parameter
 
 
 @dataclass
@@ -44,7 +45,7 @@ def measure_sparsity(model: nn.Module) -> PruningReport:
         layer_zeros = 0
         layer_count = 0
         for op in layout.operators(index):
-            weight = op.module.weight
+            weight = read_parameter(op.module, "weight")  # offloaded weights are read from their store
             zeros = int((weight == 0).sum()) if weight.device.type != "meta" else 0
             per_module[op.name] = zeros / weight.numel() if weight.numel() else 0.0
             layer_zeros += zeros
