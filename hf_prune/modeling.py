@@ -184,6 +184,11 @@ class PrunedModelForCausalLM:
         compressed = kwargs.pop("compressed", False)
         if compressed and not self.is_pruned:
             raise ValueError("compressed=True is for pruned models (it stores their zeros as a bitmask); prune first")
+        from .offload import offloaded_shard_size
+
+        shard_size = offloaded_shard_size(self)  # type: ignore[arg-type]
+        if shard_size is not None and "max_shard_size" not in kwargs:  # offloaded: save a layer's worth at a time
+            kwargs["max_shard_size"] = shard_size
         with staged_directory(save_directory) as staging:
             super().save_pretrained(staging, *args, **kwargs)  # type: ignore[misc]
             if model_card is not False and self.is_pruned:

@@ -260,3 +260,20 @@ def free_device_bytes(device: torch.device) -> int | None:
         return None
     free, _ = torch.cuda.mem_get_info(device)
     return int(free)
+
+
+def offloaded_shard_size(model: nn.Module) -> int | None:
+    """A ``max_shard_size`` for saving an offloaded model one decoder layer's worth at a time.
+
+    transformers reads the offloaded weights of one shard into memory before writing it, so
+    shards the size of the largest decoder layer (at least 1 MiB) keep the save as lean as
+    pruning was. ``None`` for a model without offloaded weights.
+    """
+    if not is_offloaded(model):
+        return None
+    from .architectures import DecoderLayout
+
+    layout = DecoderLayout(model)
+    largest = max((sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layout.layers),
+                  default=0)
+    return max(largest, 1 << 20)

@@ -1,0 +1,204 @@
+"""Pruning models larger than the memory budget: accelerate disk/CPU offload, activation offload."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from hf_prune import AutoPrunedModelForCausalLM, MagnitudeConfig, SparseGPTConfig, WandaConfig
+from hf_prune.architectures import DecoderLayout
+from hf_prune.engine import prune_model
+from hf_prune.offload import (
+    PRUNED_SUBFOLDER,
+    activation_bytes,
+    is_offloaded,
+    layer_on_device,
+    materialized_bytes,
+    plan_activations,
+    read_parameter,
+)
+
+BUDGET = 6 * 2**20  # bytes of weights allowed on the (CPU) device; the model holds ~14 MiB
+
+
+def _config() -> LlamaConfig:
+    return LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A 6-layer llama (hidden 256, ~14 MiB of fp32 weights) saved as safetensors."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config())
+    directory = tmp_path_factory.mktemp("source")
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    return torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(1))
+
+
+def _digest(directory) -> str:
+    return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, _ in model.named_parameters():
+        owner, _, attr = name.rpartition(".")
+        out[name] = read_parameter(model.get_submodule(owner), attr).detach().clone()
+    return out
+
+
+def _layer_bytes(model) -> int:
+    return max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in DecoderLayout(model).layers)
+
+
+def test_disk_offloaded_wanda_equals_in_memory_under_budget(source, ids, tmp_path):
+    config = WandaConfig(sparsity=0.5)
+    before = _digest(source)
+    reference = AutoPrunedModelForCausalLM.from_pretrained(source, dtype=torch.float32, pruning_config=config,
+                                                           calibration_data=ids)
+    model_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
+    assert model_bytes > 2 * BUDGET
+
+    offload_dir = tmp_path / "offload"
+    model = AutoPrunedModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32, device_map="auto", max_memory={"cpu": BUDGET}, offload_folder=str(offload_dir),
+    )
+    disk_layers = [name for name, where in model.hf_device_map.items() if where == "disk" and ".layers." in name]
+    assert len(disk_layers) >= 3, model.hf_device_map
+    assert is_offloaded(model)
+    resident = materialized_bytes(model)
+    assert resident <= BUDGET
+
+    run = prune_model(model, config, _calibration(ids))
+    # (b) memory: at most one offloaded layer was materialized at a time, on top of what the budget placed
+    layer_bytes = _layer_bytes(model)
+    assert len(run.offload.layer_bytes) == 6
+    assert max(run.offload.layer_bytes) <= layer_bytes
+    assert run.offload.peak_materialized_bytes <= resident + layer_bytes <= BUDGET + layer_bytes
+    assert run.offload.peak_materialized_bytes < model_bytes / 2
+    assert materialized_bytes(model) == resident  # every offloaded layer went back to meta
+    loader = model.model.layers[-1].mlp.down_proj._hf_hook.weights_map.dataset
+    assert loader.state_dict == {}  # nothing of the model is cached in RAM by the store
+    assert run.offload.layers_written == len(disk_layers)
+    assert sorted(p.name for p in (offload_dir / PRUNED_SUBFOLDER).iterdir()) == sorted(
+        f"{name}.safetensors" for name in disk_layers)
+    assert _digest(source) == before  # the source checkpoint the index pointed at was never written
+
+    # (a) same weights as pruning fully in memory, and the same forward
+    expected, got = _weights(reference), _weights(model)
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, got[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[:2]).logits, reference(ids[:2]).logits, rtol=0, atol=1e-6)
+    assert model.pruning_report().overall == pytest.approx(0.5)
+
+    # (c) save, then plain transformers reload gives the pruned weights
+    out = tmp_path / "saved"
+    model.save_pretrained(out, model_card=False)
+    assert len(list(out.glob("model*.safetensors"))) > 1  # saved a layer's worth at a time
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def _calibration(ids):
+    from hf_prune.calibration import build_calibration
+
+    return build_calibration(ids, None, "c4-sample", ids.shape[0], ids.shape[1], 0)
+
+
+def test_from_pretrained_prunes_offloaded_model_without_offload_folder_argument(source, ids, tmp_path):
+    """``pruning_config`` through ``from_pretrained`` on a disk-offloaded model; magnitude needs no data."""
+    reference = AutoPrunedModelForCausalLM.from_pretrained(source, dtype=torch.float32,
+                                                           pruning_config=MagnitudeConfig(sparsity=0.5))
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": "disk" for i in range(6)})
+    model = AutoPrunedModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32, device_map=device_map, offload_folder=str(tmp_path / "off"),
+        pruning_config=MagnitudeConfig(sparsity=0.5),
+    )
+    for name, tensor in _weights(reference).items():
+        assert torch.equal(tensor, read_parameter(model.get_submodule(name.rpartition(".")[0]),
+                                                  name.rpartition(".")[2])), name
+    assert model.config.pruning_config["method"] == "magnitude"
+
+
+def test_cpu_offloaded_state_dict_store(source, ids):
+    """accelerate.cpu_offload keeps weights in a CPU dict: the pruned layer replaces its entries."""
+    from accelerate import cpu_offload
+
+    config = WandaConfig(sparsity=0.5)
+    reference = AutoPrunedModelForCausalLM.from_pretrained(source, dtype=torch.float32, pruning_config=config,
+                                                           calibration_data=ids)
+    model = AutoPrunedModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    assert materialized_bytes(model) == 0
+    model.prune(config, calibration_data=ids)
+    assert materialized_bytes(model) == 0
+    got = _weights(model)
+    for name, tensor in _weights(reference).items():
+        assert torch.equal(tensor, got[name]), name
+
+
+def test_failed_layer_writes_nothing_and_restores_hooks(source, tmp_path):
+    model = AutoPrunedModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32, device_map={"": "disk"}, offload_folder=str(tmp_path / "off"))
+    layer = model.model.layers[2]
+    hook = layer.mlp.up_proj._hf_hook
+    loader = hook.weights_map.dataset
+    entry = dict(loader.index["model.layers.2.mlp.up_proj.weight"])
+    with pytest.raises(RuntimeError, match="boom"):
+        with layer_on_device(model, layer, "model.layers.2", torch.device("cpu")):
+            assert layer.mlp.up_proj.weight.device.type == "cpu" and not hook.offload
+            layer.mlp.up_proj.weight.data.zero_()
+            raise RuntimeError("boom")
+    assert hook.offload and layer.mlp.up_proj.weight.device.type == "meta"
+    assert loader.index["model.layers.2.mlp.up_proj.weight"] == entry
+    assert not (tmp_path / "off" / PRUNED_SUBFOLDER).exists()
+
+
+def test_owl_on_offloaded_model_is_refused_clearly(source, ids, tmp_path):
+    model = AutoPrunedModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32, device_map={"": "disk"}, offload_folder=str(tmp_path / "off"))
+    with pytest.raises(ValueError, match="offloaded"):
+        model.prune(WandaConfig(sparsity=0.5, owl=True), calibration_data=ids)
+
+
+def test_activation_plan():
+    gpu = torch.device("cuda")
+    nbytes = activation_bytes(64, 512, 4096, torch.bfloat16)
+    assert nbytes == 64 * 512 * 4096 * 2
+    # plenty of room: activations stay on the device, batch not limited
+    assert plan_activations(nbytes, 64, gpu, free_bytes=80 * 2**30) == (gpu, None)
+    # too little room: kept on the CPU, batches sized to the room left
+    where, batch = plan_activations(nbytes, 64, gpu, free_bytes=2**30)
+    assert where == torch.device("cpu") and 1 <= batch < 64
+    assert 4 * batch * (nbytes // 64) <= 0.25 * 2**30
+    assert plan_activations(nbytes, 64, gpu, free_bytes=1)[1] == 1
+    # CPU pruning or unknown free memory: nothing to offload to
+    assert plan_activations(nbytes, 64, torch.device("cpu"), free_bytes=1) == (torch.device("cpu"), None)
+    assert plan_activations(nbytes, 64, gpu, free_bytes=None) == (gpu, None)
+
+
+@pytest.mark.parametrize(
+    "config", [WandaConfig(sparsity=0.5, batch_size=4), SparseGPTConfig(sparsity=0.5, pattern="2:4")],
+    ids=["wanda-batched", "sparsegpt-2:4"],
+)
+def test_other_paths_on_disk_offload_equal_in_memory(source, ids, tmp_path, config):
+    reference = AutoPrunedModelForCausalLM.from_pretrained(source, dtype=torch.float32, pruning_config=config,
+                                                           calibration_data=ids)
+    model = AutoPrunedModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32, device_map={"": "disk"}, offload_folder=str(tmp_path / "off"),
+        pruning_config=config, calibration_data=ids)
+    got = _weights(model)
+    for name, tensor in _weights(reference).items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
