@@ -48,8 +48,8 @@ def capture_layer_inputs(layout: DecoderLayout, input_ids: torch.Tensor) -> tupl
                 hidden, rest = args[0], tuple(args[1:])
             else:
                 hidden, rest = kwargs.pop("hidden_states"), ()
-            if index == 0:
-                first_inputs.append(hidden.detach())
+            if index == 0:  # kept on the CPU: all samples together may not fit the device
+                first_inputs.append(hidden.detach().to("cpu"))
             if calls[index] is None:
                 calls[index] = LayerCall(rest, dict(kwargs))
             return hidden
