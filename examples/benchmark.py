@@ -7,6 +7,13 @@ memory is its own.
 
     python examples/benchmark.py --llmc-python /path/to/llmc-venv/bin/python
 
+Other hf_prune methods run the same way, hf_prune only, with their options after ``+``; the
+table then also gives each run's ratios to the hf_prune run of its starting method (a
+Barber run's ``initial``) or of ``--reference``:
+
+    python examples/benchmark.py --runs sparsegpt:unstructured fista:unstructured \
+        barber:2:4+initial=sparsegpt sparsegpt:2:4 --reference sparsegpt
+
 llm-compressor lives in its own virtual environment (``pip install llmcompressor``); leave
 ``--llmc-python`` out to time hf_prune alone. Peak memory is the highest resident set
 size sampled while pruning (the model itself included). Wall time and CPU time (all threads)
@@ -29,6 +36,26 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEFAULT_EVAL = HERE.parent.parent / "shared" / "data" / "wiki_sample.txt"
 RUNS = [("wanda", "unstructured"), ("wanda", "2:4"), ("sparsegpt", "unstructured"), ("sparsegpt", "2:4")]
+LLMC_METHODS = {"wanda", "sparsegpt"}
+
+
+def parse_run(item: str) -> tuple[str, str, dict]:
+    """``method:pattern[+key=value...]`` -> (method, pattern, options); values are JSON when they parse."""
+    spec, *pairs = item.split("+")
+    method, pattern = spec.split(":", 1)
+    options = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return method, pattern, options
+
+
+def label(result: dict) -> str:
+    options = result.get("options") or {}
+    return result["method"] + "".join(f" {k}={v}" for k, v in options.items())
 
 
 class PeakMemory:
@@ -105,9 +132,8 @@ def worker(args: argparse.Namespace) -> None:
             from hf_prune.modeling import pruned_class_for
 
             model.__class__ = pruned_class_for(type(model))
-            config = PruningConfig.from_dict(
-                {"method": args.method, "sparsity": sparsity, "pattern": args.pattern, "device": "cpu"}
-            )
+            config = PruningConfig.from_dict({"method": args.method, "sparsity": sparsity, "pattern": args.pattern,
+                                              "device": "cpu", **json.loads(args.options or "{}")})
             model.prune(config, calibration_data=calibration)
         else:
             from datasets import Dataset
@@ -129,6 +155,7 @@ def worker(args: argparse.Namespace) -> None:
     zeros = sum(int((w == 0).sum()) for w in linear) / sum(w.numel() for w in linear)
     ppl = windowed_perplexity(model, data["eval"], args.eval_seq_len, args.eval_windows)
     print("RESULT " + json.dumps({"tool": args.tool, "method": args.method, "pattern": args.pattern,
+                                  "options": json.loads(args.options or "{}"),
                                   "perplexity": ppl, "seconds": seconds, "cpu_seconds": cpu_seconds,
                                   "peak_rss": memory.peak, "sparsity": zeros}), flush=True)
 
@@ -155,9 +182,10 @@ def prepare(args: argparse.Namespace, folder: str) -> None:
     torch.save({"calibration": calibration, "eval": eval_ids}, os.path.join(folder, "tokens.pt"))
 
 
-def run_worker(python: str, args: argparse.Namespace, data: str, tool: str, method: str, pattern: str) -> dict:
+def run_worker(python: str, args: argparse.Namespace, data: str, tool: str, method: str, pattern: str,
+               options: dict | None = None) -> dict:
     command = [python, str(Path(__file__).resolve()), "--worker", "--tool", tool, "--method", method,
-               "--pattern", pattern, "--data", data,
+               "--pattern", pattern, "--data", data, "--options", json.dumps(options or {}),
                "--eval-seq-len", str(args.eval_seq_len), "--eval-windows", str(args.eval_windows)]
     env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -172,7 +200,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llmc-python", help="python of a virtual environment with llmcompressor installed")
     parser.add_argument("--runs", nargs="*", default=[f"{m}:{p}" for m, p in RUNS],
-                        help="method:pattern pairs, e.g. wanda:unstructured sparsegpt:2:4")
+                        help="method:pattern[+option=value...], e.g. wanda:unstructured barber:2:4+initial=sparsegpt")
+    parser.add_argument("--reference", default="sparsegpt",
+                        help="hf_prune method the other hf_prune methods are compared with (same pattern)")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-text", default=str(DEFAULT_EVAL))
@@ -185,6 +215,7 @@ def main() -> None:
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--pattern", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--options", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -201,14 +232,17 @@ def main() -> None:
         results.append(run_worker(sys.executable, args, data, "dense", "-", "-"))
         print(f"dense perplexity {results[0]['perplexity']:.2f}", flush=True)
         for item in args.runs:
-            method, pattern = item.split(":", 1)
-            tools = [("hf_prune", sys.executable)] + ([("llmcompressor", args.llmc_python)] if args.llmc_python else [])
+            method, pattern, options = parse_run(item)
+            tools = [("hf_prune", sys.executable)]
+            if args.llmc_python and method in LLMC_METHODS and not options:
+                tools.append(("llmcompressor", args.llmc_python))
             for tool, python in tools:
-                result = run_worker(python, args, data, tool, method, pattern)
+                result = run_worker(python, args, data, tool, method, pattern, options)
                 results.append(result)
-                print(f"{tool:>13} {method:>9} {pattern:>12}: ppl {result['perplexity']:.2f}  "
+                print(f"{tool:>13} {label(result)} {pattern}: ppl {result['perplexity']:.2f}  "
                       f"{result['seconds']:.1f}s  peak {result['peak_rss'] / 2**30:.2f} GiB", flush=True)
     print_table(results)
+    print_method_ratios(results, args.reference)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
@@ -221,12 +255,33 @@ def print_table(results: list[dict]) -> None:
     for r in results:
         ref = by_key.get(("llmcompressor", r["method"], r["pattern"]))
         ratios = ["", "", "", ""]
-        if ref and r["tool"] == "hf_prune":
+        if ref and r["tool"] == "hf_prune" and not r.get("options"):
             ratios = [f"{r['perplexity'] / ref['perplexity']:.3f}x", f"{r['seconds'] / ref['seconds']:.2f}x",
                       f"{r['cpu_seconds'] / ref['cpu_seconds']:.2f}x", f"{r['peak_rss'] / ref['peak_rss']:.2f}x"]
-        print(f"| {r['method']} | {r['pattern']} | {r['tool']} | {r['perplexity']:.2f} | {r['seconds']:.1f} | "
+        print(f"| {label(r)} | {r['pattern']} | {r['tool']} | {r['perplexity']:.2f} | {r['seconds']:.1f} | "
               f"{r['cpu_seconds']:.1f} | "
               f"{r['peak_rss'] / 2**30:.2f} | {r['sparsity']:.4f} | " + " | ".join(ratios) + " |")
+
+
+def print_method_ratios(results: list[dict], reference: str) -> None:
+    """Each hf_prune run against the hf_prune run of its starting method (or ``reference``), same pattern."""
+    plain = {(r["method"], r["pattern"]): r for r in results if r["tool"] == "hf_prune" and not r.get("options")}
+    rows = []
+    for r in results:
+        if r["tool"] != "hf_prune" or r["method"] in ("dense", reference) and not r.get("options"):
+            continue
+        base_method = (r.get("options") or {}).get("initial") or (
+            "wanda" if r["method"] == "barber" else reference)
+        base = plain.get((base_method, r["pattern"]))
+        if base is None or base is r:
+            continue
+        rows.append(f"| {label(r)} | {r['pattern']} | {base_method} | {r['perplexity'] / base['perplexity']:.3f}x | "
+                    f"{r['seconds'] / base['seconds']:.2f}x | {r['cpu_seconds'] / base['cpu_seconds']:.2f}x | "
+                    f"{r['peak_rss'] / base['peak_rss']:.2f}x |")
+    if rows:
+        print("\n| hf_prune run | pattern | against hf_prune | ppl ratio | wall ratio | CPU ratio | memory ratio |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ recomputed in a second pass.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -24,8 +25,10 @@ from .architectures import DecoderLayout, Operator
 from .calibration import CalibrationSet
 from .capture import LayerCall, capture_layer_inputs, move_to
 from .config import PruningConfig
+from .host_memory import return_freed_memory_to_os
 from .layer_pass import StatisticsCollector, check_finite, run_layer
 from .methods.base import LayerContext, LayerPruner
+from .mlp_chunking import chunked_mlp
 from .offload import OffloadStats, activation_bytes, free_device_bytes, is_offloaded, layer_on_device, plan_activations
 from .owl import owl_layer_sparsities
 from .statistics import InputStatistics
@@ -62,6 +65,7 @@ def prune_operator_now(pruner: LayerPruner, op: Operator, stats: InputStatistics
 def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: CalibrationSet | None) -> PruningRun:
     """Prune ``model`` in place, layer by layer, as ``config`` says."""
     start_time = time.perf_counter()
+    return_freed_memory_to_os()  # activations of each layer are freed before the next: keep RSS flat
     layout = DecoderLayout(model)
     pruner = config.make_pruner()
     targets = layout.all_targeted(config.targets)
@@ -144,7 +148,8 @@ def _prune_layer(layout: DecoderLayout, targets: list[list[Operator]], pruner: L
         targets[index], pruner.statistics_kind, device, on_ready=prune_now if one_pass else None
     )
     try:
-        outputs = run_layer(layer, hidden, call, batch_size, collector.end_batch)
+        with chunked_mlp(layout, index, targets[index], collector) if one_pass else contextlib.nullcontext():
+            outputs = run_layer(layer, hidden, call, batch_size, collector.end_batch)
     finally:
         collector.remove()
     context.stats = collector.stats

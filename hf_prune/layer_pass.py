@@ -39,6 +39,7 @@ class StatisticsCollector:
         self.stats: dict[str, InputStatistics] = {}
         self.done: set[str] = set()
         self._batch_inputs: list[tuple[torch.Tensor, StatKind, InputStatistics]] = []
+        self._kind_for = kind_for
         self._handles = [op.module.register_forward_pre_hook(self._hook_for(op, kind_for(op))) for op in ops]
 
     def _hook_for(self, op: Operator, kind: StatKind):
@@ -53,7 +54,7 @@ class StatisticsCollector:
 
         return hook
 
-    def _observe(self, op: Operator, kind: StatKind, x: torch.Tensor) -> None:
+    def _observe(self, op: Operator, kind: StatKind, x: torch.Tensor, remember: bool = True) -> None:
         for seen, seen_kind, stats in self._batch_inputs:
             if seen is x and seen_kind is kind:
                 self.stats.setdefault(op.name, stats)
@@ -61,8 +62,28 @@ class StatisticsCollector:
         stats = self.stats.get(op.name) or InputStatistics(op.in_features, kind, self.device)
         stats.update(x)
         self.stats[op.name] = stats
-        # keep a reference so that the tensor's memory cannot be reused within this batch
-        self._batch_inputs.append((x, kind, stats))
+        if remember:  # keep a reference so that the tensor's memory cannot be reused within this batch
+            self._batch_inputs.append((x, kind, stats))
+
+    def observe(self, op: Operator, x: torch.Tensor, remember: bool = True) -> None:
+        """Add ``x`` (the operator's input, or part of it) to its statistics, as its hook would.
+
+        ``remember=False`` for inputs no other operator shares (nothing is kept alive)."""
+        kind = self._kind_for(op)
+        if kind is not StatKind.NONE:
+            self._observe(op, kind, x, remember)
+
+    def mark_ready(self, op: Operator) -> None:
+        """The operator's statistics are complete: prune it now (its hook then does nothing)."""
+        if self.on_ready is not None:
+            self.on_ready(op, self.stats.get(op.name))
+        self.done.add(op.name)
+
+    def observe_and_prune(self, op: Operator, x: torch.Tensor) -> None:
+        """What the hook does for an operator whose whole input is ``x``, ahead of its forward."""
+        if op.name not in self.done:
+            self.observe(op, x)
+            self.mark_ready(op)
 
     def end_batch(self) -> None:
         """Forget this batch's input tensors (kept only to detect shared inputs)."""
