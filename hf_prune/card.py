@@ -323,6 +323,7 @@ def card_context(checkpoint: Checkpoint, info: CardInfo, plot: str | None) -> tu
         "kinds": kinds.names,
         "nm": {"n": kinds.nm.n, "m": kinds.nm.m} if kinds.nm else None,
         "structured": bool(kinds.structure),
+        "compressed": bool(checkpoint.record.get("compressed")),
         "show_heads": heads_removed(kinds.structure),
         "target_sparsity": _percent(config.sparsity),
         "overall_sparsity": _percent(overall),

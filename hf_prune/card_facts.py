@@ -75,7 +75,27 @@ def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
                 continue
             start, end = meta["data_offsets"]
             tensors[name] = (math.prod(meta["shape"]), end - start)
+        if record.get("compressed"):
+            _merge_compressed(path, tensors)
     return Checkpoint(config, record, tensors, file_bytes)
+
+
+def _merge_compressed(path: Path, tensors: dict[str, tuple[int, int]]) -> None:
+    """Count each compressed weight (values + bitmask + shape) once, with its dense element count."""
+    from safetensors import safe_open
+
+    from .compressed import MASK_SUFFIX, SHAPE_SUFFIX, VALUES_SUFFIX
+
+    shape_names = [name for name in tensors if name.endswith(SHAPE_SUFFIX)]
+    if not shape_names:
+        return
+    with safe_open(str(path), framework="pt") as handle:
+        for shape_name in shape_names:
+            if shape_name not in handle.keys():
+                continue
+            base = shape_name[: -len(SHAPE_SUFFIX)]
+            stored = sum(tensors.pop(base + suffix, (0, 0))[1] for suffix in (VALUES_SUFFIX, MASK_SUFFIX, SHAPE_SUFFIX))
+            tensors[base] = (math.prod(int(d) for d in handle.get_tensor(shape_name).tolist()), stored)
 
 
 def structure_rows(chain: list[dict[str, Any]]) -> list[dict[str, Any]] | None:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 # Keys that a saved pruning record carries beside the configuration itself.
 RECORD_KEYS = frozenset(
     {"method", "hf_prune_version", "calibration_used", "measured_sparsity", "layer_sparsity",
-     "structure", "previous", "source", "evaluation"}
+     "structure", "previous", "source", "evaluation", "compressed"}
 )
 
 _REGISTRY: dict[str, type[PruningConfig]] = {}

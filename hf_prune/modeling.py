@@ -191,12 +191,12 @@ class PrunedModelForCausalLM:
             kwargs["max_shard_size"] = shard_size
         with staged_directory(save_directory) as staging:
             super().save_pretrained(staging, *args, **kwargs)  # type: ignore[misc]
+            if compressed:  # before the card, which reports the stored sizes and the loader to use
+                compress_checkpoint(staging)
             if model_card is not False and self.is_pruned:
                 from .card import CardInfo, write_card
 
                 write_card(staging, model_card if isinstance(model_card, CardInfo) else None)
-            if compressed:
-                compress_checkpoint(staging)
         if push:
             self.push_to_hub(kwargs.get("repo_id") or Path(save_directory).name)  # type: ignore[attr-defined]
 

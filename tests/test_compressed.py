@@ -163,3 +163,19 @@ def test_compressed_save_needs_a_pruned_model_and_never_overwrites_source(tmp_pa
     loaded = AutoPrunedModelForCausalLM.from_pretrained(tmp_path / "c")
     with pytest.raises(ValueError, match="refusing to save"):
         loaded.save_pretrained(tmp_path / "c", compressed=True)
+
+
+def test_card_of_a_compressed_checkpoint_counts_dense_parameters_and_names_the_loader(tmp_path):
+    from hf_prune.card_facts import read_checkpoint
+
+    model = tiny_model("llama")
+    model.prune(MagnitudeConfig(sparsity=0.5))
+    model.save_pretrained(tmp_path / "dense")
+    model.save_pretrained(tmp_path / "c", compressed=True)
+    dense, packed = read_checkpoint(tmp_path / "dense"), read_checkpoint(tmp_path / "c")
+    assert packed.parameters == dense.parameters
+    assert packed.weight_bytes < dense.weight_bytes
+    card = (tmp_path / "c" / "README.md").read_text()
+    assert "plain `AutoModelForCausalLM` finds no `model.safetensors`" in card
+    assert "AutoPrunedModelForCausalLM.from_pretrained" in card
+    assert "do not shrink" not in card and "do not shrink" in (tmp_path / "dense" / "README.md").read_text()
