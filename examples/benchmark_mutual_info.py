@@ -1,7 +1,8 @@
 """Mutual-information pruning on SmolLM2-135M against LLM-Rank and L1-norm, in one run; scoring time.
 
 For each share of MLP neurons removed (10%, 20%, 30% by default) this prunes a copy of the
-dense model (fp32, CPU) with ``mutual-info`` (compensation on, then off), LLM-Rank and the
+dense model (fp32, CPU) with ``mutual-info`` (compensation on, then off, then the paper's
+unweighted redundancy order with compensation), LLM-Rank and the
 L1-norm baseline, and reports perplexity on the first 48 windows of 512 tokens of
 wiki_sample.txt, its ratio to L1-norm and to LLM-Rank at the same amount, pruning time,
 and for mutual-info the time spent scoring each layer (``select_redundant``: moments,
@@ -38,6 +39,7 @@ DEFAULT_EVAL = HERE.parent.parent / "shared" / "data" / "wiki_sample.txt"
 RUNS = (
     ("mutual-info+comp", "mutual-info", {"compensate": True}),
     ("mutual-info", "mutual-info", {"compensate": False}),
+    ("mutual-info-paper", "mutual-info", {"compensate": True, "selection": "redundancy"}),
     ("llm-rank", "llm-rank", {}),
     ("l1-norm", "l1-norm-structured", {}),
 )
@@ -70,11 +72,12 @@ def time_scoring(args: argparse.Namespace) -> dict:
     """Seconds to score one layer of random activations, by stage (median over repeats)."""
     from hf_prune import MutualInfoConfig
     from hf_prune.methods.mi_estimators import activation_moments, constant_neurons
-    from hf_prune.methods.mutual_info import estimate_mutual_information, greedy_removal, redundancy
+    from hf_prune.methods.mutual_info import estimate_mutual_information, greedy_removal, output_energy, redundancy
     from hf_prune.structured.pruner import kept_count
 
     generator = torch.Generator().manual_seed(0)
     activations = torch.randn(args.timing_tokens, args.timing_width, generator=generator)
+    down_weight = torch.randn(576, args.timing_width, generator=generator)  # SmolLM2's hidden size
     config = MutualInfoConfig(amount=args.timing_amount, estimator="gaussian", num_tokens=args.timing_tokens)
     count = args.timing_width - kept_count(args.timing_width, config.amount, config.round_to)
     stages: dict[str, list[float]] = {"moments": [], "estimator": [], "greedy": [], "total": []}
@@ -84,7 +87,8 @@ def time_scoring(args: argparse.Namespace) -> dict:
         after_moments = time.perf_counter()
         mi = estimate_mutual_information(activations, config, moments)
         after_estimator = time.perf_counter()
-        greedy_removal(redundancy(mi, constant_neurons(moments.covariance.diagonal())), count)
+        energy = output_energy(moments, down_weight)
+        greedy_removal(redundancy(mi, constant_neurons(moments.covariance.diagonal()), energy), count)
         end = time.perf_counter()
         stages["moments"].append(after_moments - start)
         stages["estimator"].append(after_estimator - after_moments)

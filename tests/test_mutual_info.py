@@ -18,7 +18,7 @@ from hf_prune.methods.mi_estimators import (
     gaussian_mutual_information,
     renyi_mutual_information,
 )
-from hf_prune.methods.mutual_info import greedy_removal, redundancy, select_redundant
+from hf_prune.methods.mutual_info import greedy_removal, output_energy, redundancy, select_redundant
 from hf_prune.structured import layer_sizes
 from hf_prune.structured.geometry import mlp_rows, operator
 from hf_prune.structured.pruner import kept_count
@@ -68,20 +68,52 @@ def _config(**kwargs) -> MutualInfoConfig:
     return MutualInfoConfig(**{"device": "cpu", "round_to": 1, **kwargs})
 
 
+@pytest.mark.parametrize("selection", ["redundancy", "weighted"])
 @pytest.mark.parametrize("estimator,nonlinear,tokens", [("gaussian", False, 4000), ("renyi", False, 300),
                                                          ("renyi", True, 300)])
-def test_copies_are_removed_first(estimator, nonlinear, tokens):
+def test_copies_are_removed_first(estimator, nonlinear, tokens, selection):
     x, pairs = _with_copies(tokens, nonlinear=nonlinear)
-    order, _, _ = select_redundant(x, _config(estimator=estimator), len(pairs))
+    if selection == "weighted":  # equal output energy for every neuron, so only the information orders them
+        x = x / x.square().mean(dim=0).sqrt()
+    unit = torch.ones(4, x.shape[1])
+    order, _, _ = select_redundant(x, _config(estimator=estimator, selection=selection), len(pairs), unit)
     removed = set(order.tolist())
     assert len(removed) == len(pairs)
     for source, copy in pairs:
         assert len(removed & {source, copy}) == 1, (source, copy, sorted(removed))
     # shuffling the neurons does not change which pairs lose a member
     perm = torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(2))
-    shuffled, _, _ = select_redundant(x[:, perm], _config(estimator=estimator), len(pairs))
+    shuffled, _, _ = select_redundant(x[:, perm], _config(estimator=estimator, selection=selection), len(pairs), unit)
     removed = {int(perm[i]) for i in shuffled}
     assert all(len(removed & {source, copy}) == 1 for source, copy in pairs), sorted(removed)
+
+
+def _massive_pair(tokens: int = 3000) -> torch.Tensor:
+    """30 independent unit neurons, then two that fire together (±20% apart) at ~1000x the scale on 1% of tokens."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(tokens, 32, generator=g)
+    spikes = torch.zeros(tokens)
+    spikes[torch.randperm(tokens, generator=g)[: tokens // 100]] = 1000.0
+    x[:, 30] = spikes * (1 + 0.2 * torch.randn(tokens, generator=g)) + 0.1 * x[:, 30]
+    x[:, 31] = -0.5 * spikes * (1 + 0.2 * torch.randn(tokens, generator=g)) + 0.1 * x[:, 31]
+    return x
+
+
+def test_weighted_selection_keeps_massive_activations():
+    """Scale-blind mutual information removes one of two dependent massive neurons; the weighted order keeps both."""
+    x = _massive_pair()
+    weight = torch.randn(8, 32, generator=torch.Generator().manual_seed(6))
+    paper, moments, _ = select_redundant(x, _config(selection="redundancy"), 4, weight)
+    assert int(paper[0]) in {30, 31}
+    weighted, _, _ = select_redundant(x, _config(selection="weighted"), 4, weight)
+    assert not {30, 31} & set(weighted.tolist())
+    energy = output_energy(moments, weight)
+    assert energy[weighted].sum() < 1e-3 * energy.sum() < energy[paper].sum()
+
+
+def test_weighted_selection_needs_the_down_weight():
+    with pytest.raises(ValueError, match="down_weight"):
+        select_redundant(torch.randn(50, 8), _config(), 2)
 
 
 def test_constant_neurons_go_before_copies():
@@ -89,7 +121,8 @@ def test_constant_neurons_go_before_copies():
     x[:, 5] = 3.0
     x[:, 30] = 0.0
     for estimator in ("gaussian", "renyi"):
-        order, _, _ = select_redundant(x[:400] if estimator == "renyi" else x, _config(estimator=estimator), 3)
+        order, _, _ = select_redundant(x[:400] if estimator == "renyi" else x,
+                                       _config(estimator=estimator, selection="redundancy"), 3)
         assert set(order[:2].tolist()) == {5, 30}
         assert int(order[2]) in {i for pair in pairs for i in pair}
 
@@ -266,7 +299,7 @@ def test_sampling_does_not_depend_on_batch_size(token_ids):
 
 def test_config_round_trip_and_errors():
     config = MutualInfoConfig(amount=0.2, estimator="renyi", alpha=1.5, num_tokens=128, bandwidth="scott",
-                              compensate=False)
+                              compensate=False, selection="redundancy")
     assert PruningConfig.from_dict(config.to_dict()) == config
     assert PruningConfig.from_json_string(config.to_json_string()) == config
     assert MutualInfoConfig().num_tokens == 16384 and MutualInfoConfig(estimator="renyi").num_tokens == 256
@@ -280,6 +313,7 @@ def test_config_round_trip_and_errors():
         ({"num_tokens": 1}, "num_tokens must be"),
         ({"bandwidth": "fixed"}, "bandwidth must be"),
         ({"compensate": "yes"}, "compensate must be"),
+        ({"selection": "energy"}, "selection must be"),
         ({"heads": True}, "MLP neurons only"),
         ({"pattern": "2:4"}, "removes whole neurons"),
     ]
