@@ -157,10 +157,6 @@ def _swap_in_groups(scores: torch.Tensor, pruned: torch.Tensor, threshold: float
     rows = gain.shape[0]
     flat = gain.reshape(rows, -1)
     swaps = torch.floor((flat > 0).sum(dim=1) * threshold).long()
-    import os
-    cap = int(os.environ.get("BARBER_CAP", "0"))
-    if cap:
-        swaps = swaps.clamp(max=cap * gain.shape[1] if gain.shape[0] > 1 else swaps.max())
     order = flat.argsort(dim=1, descending=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
@@ -255,57 +251,30 @@ class BarberPruner(LayerPruner):
             yield call.float32()
 
     def _gradient_pass(self, context: LayerContext, block: Block, state: dict[str, torch.Tensor],
-                       dense: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
-                       curvature: bool) -> dict[str, Any]:
-        """Block output MSE at ``weights`` and its gradient statistics, batch by batch over the calibration data."""
+                       dense: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> tuple[float, dict]:
+        """Block output MSE at ``weights`` and the root mean square of its gradient over calibration batches."""
         config: BarberConfig = self.config  # type: ignore[assignment]
         names = [op.name for op in block.operators]
         leaves = {name: weights[name].clone().requires_grad_(True) for name in names}
-        grad_sum = {name: torch.zeros_like(weights[name]) for name in names}
         square_sum = {name: torch.zeros_like(weights[name]) for name in names}
-        hess_sum = {name: torch.zeros_like(weights[name]) for name in names} if curvature else None
         error, samples, batches = 0.0, 0, 0
         total = context.inputs.shape[0]
-        generator = torch.Generator(device=context.inputs.device).manual_seed(context.index)
         for call in logging.tqdm(self._calls(context, block), desc=f"LLM-Barber {block.name}", unit="batch",
                                  leave=False, total=math.ceil(total / config.grad_batch_size)):
             with torch.no_grad():
                 target = run_block(block, state, dense, call)
-            seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-            handles = []
-            if curvature:
-                for op in block.operators:
-                    def hook(module, args, output, name=op.name, store=seen):
-                        store[name] = (args[0].detach(), output)
-                    handles.append(op.module.register_forward_hook(hook))
             with torch.enable_grad():
-                try:
-                    out = run_block(block, state, leaves, call)
-                finally:
-                    for handle in handles:
-                        handle.remove()
+                out = run_block(block, state, leaves, call)
                 loss = (out - target).square().mean()
-                grads = torch.autograd.grad(loss, [leaves[n] for n in names], retain_graph=curvature)
-                share = call.samples / total
-                for name, grad in zip(names, grads):
-                    grad_sum[name].add_(grad, alpha=share)
-                    square_sum[name].addcmul_(grad, grad)
-                if curvature:
-                    probe = torch.randint(0, 2, out.shape, generator=generator, device=out.device)
-                    probe = probe.to(out.dtype).mul_(2).sub_(1)
-                    ups = torch.autograd.grad(out, [seen[n][1] for n in names], grad_outputs=probe)
-                    scale = 2.0 / out.numel() * share
-                    for name, up in zip(names, ups):
-                        x = seen[name][0]
-                        up2 = up.reshape(-1, up.shape[-1]).square()
-                        x2 = x.reshape(-1, x.shape[-1]).square()
-                        hess_sum[name].addmm_(up2.t(), x2, alpha=scale)
+                grads = torch.autograd.grad(loss, [leaves[n] for n in names])
+            for name, grad in zip(names, grads):
+                square_sum[name].addcmul_(grad, grad)
             error += float(loss.detach()) * call.samples
             samples += call.samples
             batches += 1
-            del out, loss, grads, seen
+            del out, loss, grads
         rms = {n: (square_sum[n] / max(batches, 1)).sqrt() for n in names}
-        return {"mse": error / max(samples, 1), "grad": grad_sum, "rms": rms, "hess": hess_sum}
+        return error / max(samples, 1), rms
 
     def _rebuild_block(self, context: LayerContext, block: Block) -> bool:
         config: BarberConfig = self.config  # type: ignore[assignment]
@@ -317,23 +286,12 @@ class BarberPruner(LayerPruner):
         else:
             start = {name: dense[name].masked_fill(masks[name], 0.0) for name in dense}
         state = float32_state(block.module)
-        import os
-        metric = os.environ.get("BARBER_METRIC", "barber")
-        stats = self._gradient_pass(context, block, state, dense, start, curvature=metric == "taylor")
-        error, samples = stats["mse"], 1
+        error, rms = self._gradient_pass(context, block, state, dense, start)
         names = [op.name for op in ops]
         # |W|: the dense value where pruned (what growing restores), the current value where kept
         values = {name: torch.where(masks[name], dense[name], start[name]) for name in names}
-        if metric == "taylor":
-            scores = []
-            for name in names:
-                g, h, pruned = stats["grad"][name], stats["hess"][name], masks[name]
-                delta = torch.where(pruned, dense[name], -start[name])
-                change = g * delta + 0.5 * h * delta.square()
-                scores.append(torch.where(pruned, -change, change))
-        else:
-            scores = [values[name].abs() * stats["rms"][name] for name in names]
-        del stats
+        scores = [values[name].abs() * rms[name] for name in names]
+        del rms
         new_masks = rebuild_masks(scores, [masks[name] for name in names], config.granularity, self.pattern,
                                   config.threshold)
         swapped = sum(int((new & ~masks[name]).sum()) for name, new in zip(names, new_masks))
@@ -341,8 +299,7 @@ class BarberPruner(LayerPruner):
         if changed:
             for op, new in zip(ops, new_masks):
                 op.write_weight(values[op.name].masked_fill_(new, 0.0))
-        record = BlockRebuild(context.index, block.name, swapped, sum(m.numel() for m in new_masks),
-                              error / max(samples, 1))
+        record = BlockRebuild(context.index, block.name, swapped, sum(m.numel() for m in new_masks), error)
         if self.measure_after:
             record.mse_after = self._block_error(context, block, state, dense)
         self.rebuilds.append(record)
