@@ -90,8 +90,9 @@ def _merge_compressed(path: Path, tensors: dict[str, tuple[int, int]]) -> None:
     if not shape_names:
         return
     with safe_open(str(path), framework="pt") as handle:
+        in_file = set(handle.keys())
         for shape_name in shape_names:
-            if shape_name not in handle.keys():
+            if shape_name not in in_file:
                 continue
             base = shape_name[: -len(SHAPE_SUFFIX)]
             stored = sum(tensors.pop(base + suffix, (0, 0))[1] for suffix in (VALUES_SUFFIX, MASK_SUFFIX, SHAPE_SUFFIX))

@@ -39,18 +39,12 @@ class StatisticsCollector:
         self.stats: dict[str, InputStatistics] = {}
         self.done: set[str] = set()
         self._batch_inputs: list[tuple[torch.Tensor, StatKind, InputStatistics]] = []
-        self._kind_for = kind_for
-        self._handles = [op.module.register_forward_pre_hook(self._hook_for(op, kind_for(op))) for op in ops]
+        self._kinds = {op.name: kind_for(op) for op in ops}
+        self._handles = [op.module.register_forward_pre_hook(self._hook_for(op)) for op in ops]
 
-    def _hook_for(self, op: Operator, kind: StatKind):
+    def _hook_for(self, op: Operator):
         def hook(module: nn.Module, inputs: tuple) -> None:
-            if op.name in self.done:
-                return
-            if kind is not StatKind.NONE:
-                self._observe(op, kind, inputs[0])
-            if self.on_ready is not None:
-                self.on_ready(op, self.stats.get(op.name))
-                self.done.add(op.name)
+            self.observe_and_prune(op, inputs[0])
 
         return hook
 
@@ -69,18 +63,18 @@ class StatisticsCollector:
         """Add ``x`` (the operator's input, or part of it) to its statistics, as its hook would.
 
         ``remember=False`` for inputs no other operator shares (nothing is kept alive)."""
-        kind = self._kind_for(op)
+        kind = self._kinds[op.name]
         if kind is not StatKind.NONE:
             self._observe(op, kind, x, remember)
 
     def mark_ready(self, op: Operator) -> None:
-        """The operator's statistics are complete: prune it now (its hook then does nothing)."""
+        """In one-pass mode, the operator's statistics are complete: prune it now (its hook then does nothing)."""
         if self.on_ready is not None:
             self.on_ready(op, self.stats.get(op.name))
-        self.done.add(op.name)
+            self.done.add(op.name)
 
     def observe_and_prune(self, op: Operator, x: torch.Tensor) -> None:
-        """What the hook does for an operator whose whole input is ``x``, ahead of its forward."""
+        """What the operator's hook does with its input ``x`` (also called ahead of its forward)."""
         if op.name not in self.done:
             self.observe(op, x)
             self.mark_ready(op)

@@ -337,7 +337,7 @@ class MutualInfoPruner(StructuredPruner):
         weight = down.read_weight().detach().to(device=activations.device, dtype=torch.float32)
         order, moments, mi = select_redundant(activations, self.config, count, weight)
         del activations
-        if self.config.compensate and count:
+        if self.config.compensate:
             kept = torch.ones(width, dtype=torch.bool, device=order.device)
             kept[order] = False
             new = compensate_removed(down.module, weight, moments, mi, order.sort().values,
