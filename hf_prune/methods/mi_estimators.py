@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..statistics import add_upper_gram, mirror_upper
+
 #: ``ρ²`` is clamped below 1 so that exact copies get a large finite mutual information.
 MAX_SQUARED_CORRELATION = 1.0 - 1e-6
 #: A neuron whose variance is below this share of the largest variance counts as constant.
@@ -64,17 +66,11 @@ def activation_moments(x: torch.Tensor) -> Moments:
     return Moments(mean, covariance, count)
 
 
-def symmetric_gram(x: torch.Tensor, block: int = 192) -> torch.Tensor:
-    """``xᵀ x`` computed by column blocks on and above the diagonal only (about half the work of one product)."""
-    width = x.shape[1]
-    blocks = max(1, min(8, width // block))
-    edges = [round(i * width / blocks) for i in range(blocks + 1)]
-    out = torch.empty(width, width, dtype=x.dtype, device=x.device)
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        part = x[:, lo:hi].T @ x[:, lo:]
-        out[lo:hi, lo:] = part
-        out[lo:, lo:hi] = part.T
-    return out
+def symmetric_gram(x: torch.Tensor) -> torch.Tensor:
+    """``xᵀ x``, exactly symmetric, computed on and above the diagonal only."""
+    out = torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+    add_upper_gram(out, x)
+    return mirror_upper(out)
 
 
 def constant_neurons(variance: torch.Tensor) -> torch.Tensor:

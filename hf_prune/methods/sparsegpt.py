@@ -84,10 +84,13 @@ def _block_mask(weight: torch.Tensor, upper: torch.Tensor, start: int, end: int,
     """
     ahead = weight[:, start:]
     saliency = ahead.square() / torch.diagonal(upper)[start:].square()
-    order = saliency.argsort(dim=1)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return rank[:, : end - start] < remaining.unsqueeze(1)
+    most = int(remaining.max()) if remaining.numel() else 0
+    chosen = torch.zeros_like(saliency, dtype=torch.bool)
+    if most > 0:  # the `most` lowest of each row, in order; a row takes the first `remaining` of them
+        lowest = saliency.topk(most, dim=1, largest=False, sorted=True).indices
+        owed = torch.arange(most, device=weight.device).unsqueeze(0) < remaining.unsqueeze(1)
+        chosen.scatter_(1, lowest, owed)
+    return chosen[:, : end - start]
 
 
 def sparsegpt_prune(
@@ -103,25 +106,25 @@ def sparsegpt_prune(
         block = weight[:, start:end].clone()
         factor = upper[start:end, start:end]
         diag = torch.diagonal(factor)
-        pruned = torch.zeros_like(block)
         errors = torch.zeros_like(block)
         if pattern.is_nm:
             mask = torch.zeros_like(block, dtype=torch.bool)
+            error_scale = torch.zeros_like(block)
         else:
             mask = _block_mask(weight, upper, start, end, remaining)
             remaining -= mask.sum(dim=1)
+            error_scale = mask / diag  # 1/[U]_jj where pruned, 0 where kept
         for j in range(end - start):
             if pattern.is_nm and j % pattern.m == 0:
                 group = slice(j, j + pattern.m)
                 mask[:, group] = lowest_per_group(block[:, group].square() / diag[group].square(), pattern.n, pattern.m)
-            column = block[:, j]
-            kept = column.masked_fill(mask[:, j], 0.0)
-            pruned[:, j] = kept
-            error = (column - kept) / factor[j, j]
-            block[:, j:] -= error.unsqueeze(1) * factor[j, j:].unsqueeze(0)
-            errors[:, j] = error
-        weight[:, start:end] = pruned
-        weight[:, end:] -= errors @ upper[start:end, end:]
+                error_scale[:, group] = mask[:, group] / diag[group]
+            # OBS: a pruned weight's error, spread over the columns not yet processed (a kept
+            # weight has no error: its column only changes by the updates of earlier ones)
+            torch.mul(block[:, j], error_scale[:, j], out=errors[:, j])
+            block[:, j:].addr_(errors[:, j], factor[j, j:], alpha=-1.0)
+        weight[:, start:end] = block.masked_fill_(mask, 0.0)
+        weight[:, end:].addmm_(errors, upper[start:end, end:], alpha=-1.0)
     return weight
 
 
