@@ -9,8 +9,8 @@ without giving up one-pass pruning:
 1. the MLP's input projections see the whole input first: their statistics are taken
    on it and they are pruned (they share that input);
 2. each chunk runs through the MLP up to the output projection, whose input (the
-   intermediate activations) is added to its statistics and stored in one buffer;
-3. the output projection is pruned, then applied once to the whole buffer.
+   intermediate activations) is added to its statistics and kept;
+3. the output projection is pruned, then applied to each chunk's kept input in turn.
 
 Every operator still runs once per token, so the cost does not change; only one chunk's
 gate/up/activation tensors are alive at a time. It applies where the MLP is a submodule
@@ -70,14 +70,11 @@ def chunked_mlp(layout: DecoderLayout, index: int, targets: list[Operator], coll
         for op in input_ops:  # the input projections' statistics are complete: prune them now
             collector.observe_and_prune(op, x)
         samples_per_chunk = max(1, chunk_tokens // math.prod(x.shape[1:-1]))
-        buffer: torch.Tensor | None = None
+        pending: list[torch.Tensor] = []  # each chunk's input to the output projection
 
         def take_input(_module: nn.Module, inputs: tuple) -> None:
-            nonlocal buffer
             h = inputs[0]
-            if buffer is None:
-                buffer = h.new_empty((x.shape[0], *h.shape[1:]))
-            buffer[start:start + h.shape[0]] = h
+            pending.append(h)
             if output_op is not None:
                 collector.observe(output_op, h, remember=False)
             raise _StopAtOutput
@@ -94,7 +91,10 @@ def chunked_mlp(layout: DecoderLayout, index: int, targets: list[Operator], coll
             handle.remove()
         if output_op is not None:
             collector.mark_ready(output_op)
-        return output(buffer)
+        outputs = []
+        while pending:  # a chunk's intermediate activations are freed as soon as they were used
+            outputs.append(output(pending.pop(0)))
+        return torch.cat(outputs, dim=0)
 
     mlp.forward = forward
     try:

@@ -80,7 +80,7 @@ def lowest_per_row(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Mask of the ``count`` lowest scores in each row (``True`` = prune)."""
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if count > 0:
-        index = torch.topk(scores, count, dim=1, largest=False).indices
+        index = torch.topk(scores, count, dim=1, largest=False, sorted=False).indices  # order unused: 2x faster
         mask.scatter_(1, index, True)
     return mask
 
