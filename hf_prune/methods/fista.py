@@ -40,6 +40,7 @@ from transformers.utils import logging
 
 from ..architectures import Operator
 from ..config import PruningConfig
+from ..host_memory import heap_for_temporaries
 from ..patterns import mask_from_scores
 from ..statistics import InputStatistics
 from .base import LayerContext, LayerPruner
@@ -267,11 +268,12 @@ class FISTAPruner(LayerPruner):
                        const: torch.Tensor, sparsity: float) -> torch.Tensor:
         """Prune one ``(out, in)`` fp32 weight from ``X̂X̂ᵀ``, ``XX̂ᵀ`` (None when equal) and ``‖wX‖²``."""
         target = weight @ (gram if cross is None else cross)
-        problem = QuadraticProblem(gram, target, const, self.settings, dense=weight, name=name)
-        warm = self.warm_start(weight, gram, target if cross is not None else None, sparsity, name)
-        if problem.degenerate:
-            logger.warning("%s never sees a non-zero input: its warm start is kept as it is", name)
-        result = solve(problem, warm, self.pattern, sparsity, self.settings)
+        with heap_for_temporaries():  # the solver's many same-sized temporaries reuse memory
+            problem = QuadraticProblem(gram, target, const, self.settings, dense=weight, name=name)
+            warm = self.warm_start(weight, gram, target if cross is not None else None, sparsity, name)
+            if problem.degenerate:
+                logger.warning("%s never sees a non-zero input: its warm start is kept as it is", name)
+            result = solve(problem, warm, self.pattern, sparsity, self.settings)
         with self._lock:
             self.diagnostics[name] = (float(result.warm_error.sum()), float(result.error.sum()),
                                       float(const.sum()) / 2, result.unreachable)
