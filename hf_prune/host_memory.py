@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import sys
 import threading
 from collections.abc import Iterator
@@ -36,14 +37,18 @@ _inside = 0  # threads inside heap_for_temporaries()
 _inside_lock = threading.Lock()
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def return_freed_memory_to_os() -> bool:
     """Fix glibc's mmap threshold at 1 MiB (once per process); False where there is no glibc."""
     global _applied
     if _applied or not sys.platform.startswith("linux"):
         return _applied
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
+        libc = _libc()
         _applied = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
     except (OSError, AttributeError):  # musl or another libc without mallopt
         _applied = False
@@ -61,7 +66,7 @@ def heap_for_temporaries() -> Iterator[None]:
     if not _applied:
         yield
         return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _libc()
     with _inside_lock:
         _inside += 1
         if _inside == 1:

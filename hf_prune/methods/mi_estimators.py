@@ -61,8 +61,7 @@ def activation_moments(x: torch.Tensor) -> Moments:
     if count == 0:
         raise ValueError("no activations were collected: the estimator needs at least two calibration tokens")
     mean = x.mean(dim=0)
-    covariance = symmetric_gram(x - mean)
-    covariance = (covariance + covariance.T) * (0.5 / count)  # exactly symmetric: ties between pairs stay ties
+    covariance = symmetric_gram(x - mean) * (1.0 / count)  # exactly symmetric: ties between pairs stay ties
     return Moments(mean, covariance, count)
 
 
