@@ -117,8 +117,51 @@ def prune_one_layer(pruner: LayerPruner, layout: DecoderLayout, index: int, targ
 def prune_layers_parallel(layout: DecoderLayout, targets: list[list[Operator]], pruner: LayerPruner,
                           hidden: torch.Tensor, calls: list[LayerCall], config: PruningConfig,
                           device: torch.device, sparsities: list[float]) -> None:
-    """Prune this rank's share of the layers from dense inputs, over its devices; then share the results."""
+    """Prune this rank's share of the layers from dense inputs, over its devices; then share the results.
+
+    Under torch.distributed, every rank learns whether any rank failed before the results
+    are shared, so a failure on one rank stops all of them at once instead of leaving the
+    others waiting in a collective until its timeout.
+    """
     world_size, rank = distributed_state()
+    if world_size == 1:
+        _prune_my_layers(layout, targets, pruner, hidden, calls, config, device, sparsities, world_size, rank)
+        return
+    error: Exception | None = None
+    try:
+        _prune_my_layers(layout, targets, pruner, hidden, calls, config, device, sparsities, world_size, rank)
+    except Exception as exc:  # shared with the other ranks below, then re-raised
+        error = exc
+    failed = failed_ranks(error is not None, world_size, rank)
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(
+            f"torch.distributed rank(s) {failed} failed while pruning their layers, so rank {rank} stops too; "
+            "the cause is in the failing rank's log"
+        )
+    broadcast_layers(layout, targets, shard_layers(len(layout), world_size), rank)
+
+
+def failed_ranks(failed: bool, world_size: int, rank: int) -> list[int]:
+    """The ranks that report ``failed``, agreed on by every rank (one all-reduce)."""
+    dist = torch.distributed
+    flags = torch.zeros(world_size, dtype=torch.int32, device=_comm_device())
+    flags[rank] = int(failed)
+    dist.all_reduce(flags)
+    return [r for r, flag in enumerate(flags.tolist()) if flag]
+
+
+def _comm_device() -> torch.device:
+    """Where collective tensors live: the current GPU for NCCL, the CPU otherwise."""
+    dist = torch.distributed
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _prune_my_layers(layout: DecoderLayout, targets: list[list[Operator]], pruner: LayerPruner,
+                     hidden: torch.Tensor, calls: list[LayerCall], config: PruningConfig, device: torch.device,
+                     sparsities: list[float], world_size: int, rank: int) -> None:
+    """This rank's layers, pruned from their dense inputs over this process's devices."""
     owners = shard_layers(len(layout), world_size)
     devices = worker_devices(config, device, world_size)
     main = devices[0] if device.type == "cuda" and world_size > 1 else device
@@ -163,14 +206,12 @@ def prune_layers_parallel(layout: DecoderLayout, targets: list[list[Operator]], 
         for executor in executors:
             executor.shutdown(wait=True, cancel_futures=True)
         progress.close()
-    if world_size > 1:
-        broadcast_layers(layout, targets, owners, rank)
 
 
 def broadcast_layers(layout: DecoderLayout, targets: list[list[Operator]], owners: list[int], rank: int) -> None:
     """Send each layer's targeted weights from the rank that pruned them to every other rank."""
     dist = torch.distributed
-    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    comm = _comm_device()
     for index, owner in enumerate(owners):
         weights = [op.module.weight.data for op in targets[index]]
         if not weights:

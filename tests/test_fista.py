@@ -345,6 +345,66 @@ def distributed_worker(out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+def failing_distributed_worker(out_dir: str) -> None:
+    """A rank whose share fails on rank 1 (run by ``test_distributed_rank_failure_stops_every_rank``)."""
+    from hf_prune import parallel
+
+    torch.set_num_threads(1)
+    world_size, rank = parallel.distributed_state()
+    real = parallel.prune_one_layer
+
+    def prune_one_layer(pruner, layout, index, *args, **kwargs):
+        if rank == 1:
+            raise ValueError(f"injected failure in layer {index}")
+        return real(pruner, layout, index, *args, **kwargs)
+
+    parallel.prune_one_layer = prune_one_layer
+    try:
+        _three_layer_llama().prune(_parallel_config(), calibration_data=_parallel_ids())
+        message = "no error"
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}"
+    (Path(out_dir) / f"rank{rank}.err").write_text(message)
+    torch.distributed.destroy_process_group()
+
+
+def _launch_ranks(function: str, out_dir: Path, world_size: int = 2) -> list[subprocess.Popen]:
+    """``world_size`` processes with torchrun's environment, each running ``test_fista.<function>(out_dir)``."""
+    port = _free_port()
+    code = f"import sys, test_fista; test_fista.{function}(sys.argv[1])"  # cwd (tests/) is on sys.path
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+                   RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
+                   CUDA_VISIBLE_DEVICES="")
+        procs.append(subprocess.Popen([sys.executable, "-c", code, str(out_dir)], env=env, cwd=str(TESTS),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def _wait_ranks(procs: list[subprocess.Popen], timeout: float = 180) -> list[str]:
+    """Every rank's output; fails the test (killing the ranks) if any hangs or exits with an error."""
+    logs = []
+    for proc in procs:
+        try:
+            logs.append(proc.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            pytest.fail("a distributed rank hung")
+    failed = [f"rank {rank}:\n{log[-2000:]}" for rank, (proc, log) in enumerate(zip(procs, logs)) if proc.returncode]
+    assert not failed, "\n".join(failed)
+    return logs
+
+
+def test_distributed_rank_failure_stops_every_rank(tmp_path):
+    """gloo, 2 processes: rank 1 raises while pruning; rank 0 raises too, naming rank 1, instead of waiting."""
+    _wait_ranks(_launch_ranks("failing_distributed_worker", tmp_path), timeout=120)
+    assert (tmp_path / "rank1.err").read_text() == "ValueError: injected failure in layer 2"
+    rank0 = (tmp_path / "rank0.err").read_text()
+    assert rank0.startswith("RuntimeError: torch.distributed rank(s) [1] failed"), rank0
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -353,14 +413,7 @@ def _free_port() -> int:
 
 def test_distributed_ranks_equal_single_process(tmp_path):
     """gloo, 2 processes with torchrun's environment: every rank ends with the single-process weights, exactly."""
-    port = _free_port()
-    code = "import sys, test_fista; test_fista.distributed_worker(sys.argv[1])"  # cwd (tests/) is on sys.path
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-        procs.append(subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, cwd=str(TESTS),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs = _launch_ranks("distributed_worker", tmp_path)
 
     # meanwhile, the single-process reference in this process, with the same thread count
     threads = torch.get_num_threads()
@@ -373,16 +426,7 @@ def test_distributed_ranks_equal_single_process(tmp_path):
     expected = _targeted_weights(model)
     assert len(expected) == 3 * 7
 
-    logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=180)[0])
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            pytest.fail("a distributed rank hung")
-    failed = [f"rank {rank}:\n{log[-2000:]}" for rank, (proc, log) in enumerate(zip(procs, logs)) if proc.returncode]
-    assert not failed, "\n".join(failed)
+    _wait_ranks(procs)
     for rank in range(2):
         info = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert info == {"world_size": 2, "rank": rank, "main": rank == 0}
