@@ -29,8 +29,9 @@ from hf_prune.patterns import parse_pattern, satisfies_nm
         BarberConfig(),
         BarberConfig(initial=SparseGPTConfig(block_size=64), pattern="2:4", threshold=0.2,
                      keep_initial_updates=False, grad_batch_size=2, num_samples=4, seq_len=16),
-        BarberConfig(initial="magnitude", granularity="block", targets=["mlp.*"], owl=True),
-        BarberConfig(initial={"method": "wanda"}, granularity="layer", sparsity=0.6),
+        BarberConfig(initial="magnitude", rebuild="gradient", granularity="block", targets=["mlp.*"], owl=True),
+        BarberConfig(initial={"method": "wanda"}, rebuild="gradient", granularity="layer", sparsity=0.6),
+        BarberConfig(initial="sparsegpt", rebuild="gradient", pattern="4:8"),
     ],
 )
 def test_json_round_trip(config):
@@ -44,9 +45,10 @@ def test_json_round_trip(config):
 
 def test_initial_method_defaults_and_shared_fields():
     assert isinstance(BarberConfig().initial, WandaConfig)
-    assert BarberConfig().threshold == 0.01
-    assert BarberConfig(initial="sparsegpt").threshold == 0.1
-    assert BarberConfig(initial=MagnitudeConfig()).threshold == 0.1
+    assert BarberConfig().rebuild == "swaps" and BarberConfig().threshold == 0.1
+    assert BarberConfig(rebuild="gradient").threshold == 0.01
+    assert BarberConfig(initial="sparsegpt", rebuild="gradient").threshold == 0.1
+    assert BarberConfig(initial=MagnitudeConfig(), rebuild="gradient").threshold == 0.1
     assert BarberConfig(threshold=0.0).threshold == 0.0
     config = BarberConfig(initial=SparseGPTConfig(block_size=32), pattern="2:4", targets=["mlp.*"], owl=None,
                           num_samples=4)
@@ -60,8 +62,10 @@ def test_initial_method_defaults_and_shared_fields():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"pattern": "2:4", "granularity": "layer"}, "granularity='row'"),
-        ({"pattern": "4:8", "granularity": "block"}, "granularity='row'"),
+        ({"pattern": "2:4", "granularity": "layer", "rebuild": "gradient"}, "granularity='row'"),
+        ({"pattern": "4:8", "granularity": "block", "rebuild": "gradient"}, "granularity='row'"),
+        ({"granularity": "layer"}, "applies to rebuild='gradient'"),
+        ({"rebuild": "taylor"}, "rebuild must be one of"),
         ({"granularity": "column"}, "granularity must be one of"),
         ({"threshold": 1.5}, r"threshold must be a share in \[0, 1\]"),
         ({"threshold": -0.1}, "threshold must be"),
@@ -138,7 +142,8 @@ def test_layer_and_block_keep_their_totals():
 
 
 class _Spy(BarberPruner):
-    """Records each block's weights before and after rebuilding, and checks the dense copy's scope."""
+    """Records each operator's weights from the starting method and after rebuilding, and checks the
+    dense copy's scope."""
 
     def __init__(self, config):
         super().__init__(config, measure_after=True)
@@ -149,10 +154,14 @@ class _Spy(BarberPruner):
         super().start_layer(context)
         assert set(self._dense) == {op.name for op in context.targets}  # the current layer only
 
-    def _rebuild_block(self, context, block):
-        self.before.update({op.name: op.read_weight().clone() for op in block.operators})
-        changed = super()._rebuild_block(context, block)
-        self.after.update({op.name: op.read_weight().clone() for op in block.operators})
+    def finish_layer(self, context):
+        if self._swaps:  # already rebuilt; the starting method's weights were kept aside
+            before = {op.name: self._started[op.name].clone() for op in context.targets}
+        else:
+            before = {op.name: op.read_weight().clone() for op in context.targets}
+        changed = super().finish_layer(context)
+        self.before.update(before)
+        self.after.update({op.name: op.read_weight().clone() for op in context.targets})
         return changed
 
 
@@ -168,11 +177,14 @@ def spy(monkeypatch):
     return made
 
 
+@pytest.mark.parametrize("rebuild", ["swaps", "gradient"])
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
 @pytest.mark.parametrize("pattern_text", ["unstructured", "2:4"])
-def test_rebuilding_keeps_row_sparsity_and_pattern_and_lowers_block_error(family, pattern_text, token_ids, spy):
+def test_rebuilding_keeps_row_sparsity_and_pattern_and_lowers_block_error(family, pattern_text, rebuild, token_ids,
+                                                                          spy):
     model = tiny_model(family)
-    model.prune(BarberConfig(pattern=pattern_text, threshold=0.3, device="cpu"), calibration_data=token_ids)
+    model.prune(BarberConfig(pattern=pattern_text, threshold=0.3, rebuild=rebuild, device="cpu"),
+                calibration_data=token_ids)
     pruner = spy[0]
     assert len(pruner.rebuilds) == 2 * len(DecoderLayout(model))
     assert set(pruner.before) == {op.name for ops in DecoderLayout(model).all_targeted(None) for op in ops}
@@ -192,11 +204,12 @@ def test_rebuilding_keeps_row_sparsity_and_pattern_and_lowers_block_error(family
     assert model.pruning_report().overall == pytest.approx(0.5, abs=1e-6)
 
 
-def test_threshold_zero_gives_the_starting_mask_exactly(token_ids):
+@pytest.mark.parametrize("rebuild", ["swaps", "gradient"])
+def test_threshold_zero_gives_the_starting_mask_exactly(rebuild, token_ids):
     reference = tiny_model("llama")
     reference.prune(WandaConfig(device="cpu"), calibration_data=token_ids)
     model = tiny_model("llama")
-    model.prune(BarberConfig(threshold=0.0, device="cpu"), calibration_data=token_ids)
+    model.prune(BarberConfig(threshold=0.0, rebuild=rebuild, device="cpu"), calibration_data=token_ids)
     for (name, a), b in zip(reference.named_parameters(), model.parameters()):
         assert torch.equal(a, b), name
 
@@ -204,8 +217,8 @@ def test_threshold_zero_gives_the_starting_mask_exactly(token_ids):
 def test_dense_weights_without_sparsegpt_updates(token_ids):
     dense = tiny_model("llama")
     model = tiny_model("llama")
-    model.prune(BarberConfig(initial="sparsegpt", threshold=0.2, keep_initial_updates=False, device="cpu"),
-                calibration_data=token_ids)
+    model.prune(BarberConfig(initial="sparsegpt", rebuild="gradient", threshold=0.2, keep_initial_updates=False,
+                             device="cpu"), calibration_data=token_ids)
     layout, dense_layout = DecoderLayout(model), DecoderLayout(dense)
     for index in range(len(layout)):
         for op, dense_op in zip(layout.operators(index), dense_layout.operators(index)):
@@ -215,9 +228,26 @@ def test_dense_weights_without_sparsegpt_updates(token_ids):
             assert torch.equal((~kept).sum(dim=1), torch.full((weight.shape[0],), weight.shape[1] // 2)), op.name
 
 
-def test_bfloat16_model_rebuilds_with_float32_gradients(token_ids, spy):
+def test_swaps_touch_only_the_grown_and_dropped_weights(token_ids, spy):
+    """Weights kept by the starting method and by the rebuild keep the starting value (SparseGPT's update),
+    except the few dropped by one swap and grown back by a later one."""
+    model = tiny_model("llama")
+    model.prune(BarberConfig(initial="sparsegpt", threshold=0.3, device="cpu"), calibration_data=token_ids)
+    grown = changed = kept = 0
+    for name, before in spy[0].before.items():
+        after = spy[0].after[name].float()
+        both = (before != 0) & (after != 0)
+        kept += int(both.sum())
+        changed += int((after[both] != before[both]).sum())
+        grown += int(((before == 0) & (after != 0)).sum())
+    assert grown == sum(r.swapped for r in spy[0].rebuilds) > 0
+    assert changed <= 0.1 * grown, (changed, grown, kept)
+
+
+@pytest.mark.parametrize("rebuild", ["swaps", "gradient"])
+def test_bfloat16_model_rebuilds_in_float32(rebuild, token_ids, spy):
     model = tiny_model("qwen3").to(torch.bfloat16)
-    model.prune(BarberConfig(pattern="2:4", threshold=0.3, device="cpu"), calibration_data=token_ids)
+    model.prune(BarberConfig(pattern="2:4", threshold=0.3, rebuild=rebuild, device="cpu"), calibration_data=token_ids)
     assert next(model.parameters()).dtype == torch.bfloat16
     assert sum(r.swapped for r in spy[0].rebuilds) > 0
     for name, after in spy[0].after.items():
@@ -227,8 +257,8 @@ def test_bfloat16_model_rebuilds_with_float32_gradients(token_ids, spy):
 
 def test_batched_statistics_and_gradients(token_ids, spy):
     model = tiny_model("gpt_neox")
-    model.prune(BarberConfig(threshold=0.3, batch_size=3, grad_batch_size=3, granularity="block", device="cpu"),
-                calibration_data=token_ids)
+    model.prune(BarberConfig(threshold=0.3, batch_size=3, grad_batch_size=3, rebuild="gradient", granularity="block",
+                             device="cpu"), calibration_data=token_ids)
     assert all(r.mse_after < r.mse_before for r in spy[0].rebuilds)
     assert model.pruning_report().overall == pytest.approx(0.5, abs=1e-6)
 
@@ -248,8 +278,9 @@ def test_save_and_reload_records_the_nested_config(tmp_path, token_ids):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_rebuilds_on_the_gpu(token_ids, spy):
+@pytest.mark.parametrize("rebuild", ["swaps", "gradient"])
+def test_rebuilds_on_the_gpu(rebuild, token_ids, spy):
     model = tiny_model("llama").to(torch.float16)
-    model.prune(BarberConfig(threshold=0.3, device="cuda"), calibration_data=token_ids)
+    model.prune(BarberConfig(threshold=0.3, rebuild=rebuild, device="cuda"), calibration_data=token_ids)
     assert next(model.parameters()).device.type == "cpu"
     assert sum(r.swapped for r in spy[0].rebuilds) > 0
