@@ -79,10 +79,11 @@ class BarberConfig(PruningConfig):
             magnitude). 0 keeps the starting mask.
         keep_initial_updates: keep the starting method's updated weights (SparseGPT) on the
             weights that stay; ``False`` re-applies the rebuilt mask to the dense weights.
-            Grown weights always get their dense value.
-        grad_batch_size: ``rebuild="gradient"`` only: calibration samples per backward pass. Gradients are averaged as a
-            root mean square over these batches; 1 (per sample, as in the paper) is the most
-            faithful, larger is faster on a GPU and uses more memory.
+            Grown weights get their dense value (``"gradient"``) or their least-squares value
+            (``"swaps"``).
+        grad_batch_size: ``rebuild="gradient"`` only: calibration samples per backward pass.
+            Gradients are averaged as a root mean square over these batches; 1 (per sample, as
+            in the paper) is the most faithful, larger is faster on a GPU and uses more memory.
     """
 
     method: ClassVar[str] = "barber"
@@ -285,10 +286,9 @@ class BarberPruner(LayerPruner):
             self._swapped[op.name] = 0
             return start
         group = self.pattern.m if self.pattern.is_nm else None
-        pruned_at_start = start == 0
         with heap_for_temporaries():
             outcome = swap_search(start, dense, stats.gram, group, limit)
-        self._swapped[op.name] = int((pruned_at_start & (outcome.weight != 0)).sum())  # net: some swaps undo others
+        self._swapped[op.name] = outcome.grown
         logger.debug("%s: %d swaps, output error %.4g -> %.4g", op.name, outcome.swaps, outcome.error_before,
                      outcome.error_after)
         return outcome.weight
@@ -316,7 +316,7 @@ class BarberPruner(LayerPruner):
     def _record_swaps(self, context: LayerContext, block: Block) -> None:
         """The ``BlockRebuild`` of a block whose operators the exact swaps already rebuilt."""
         record = BlockRebuild(context.index, block.name, sum(self._swapped.get(op.name, 0) for op in block.operators),
-                              sum(op.read_weight().numel() for op in block.operators))
+                              sum(op.in_features * op.out_features for op in block.operators))
         if self.measure_after:
             state = float32_state(block.module)
             dense = {op.name: self._dense[op.name].to(torch.float32) for op in block.operators}

@@ -29,6 +29,7 @@ class SwapOutcome:
 
     weight: torch.Tensor
     swaps: int  # pairs swapped, all rows together
+    grown: int  # weights pruned at the start and kept at the end (fewer than swaps when a swap undid another)
     error_before: float  # sum over rows of e H eᵀ
     error_after: float
 
@@ -49,6 +50,7 @@ def swap_search(weight: torch.Tensor, dense: torch.Tensor, gram: torch.Tensor, g
     gram = gram.to(device=weight.device, dtype=weight.dtype)
     diagonal = torch.diagonal(gram).clamp_min(torch.finfo(weight.dtype).tiny)
     pruned = weight == 0
+    pruned_at_start = pruned.clone()
     half_gradient = (weight - dense) @ gram  # g = e H, per row
     error_before = _row_errors(weight, dense, half_gradient)
     tolerance = relative_tol * error_before.abs()
@@ -104,8 +106,9 @@ def swap_search(weight: torch.Tensor, dense: torch.Tensor, gram: torch.Tensor, g
         half_gradient[row] += grow_value.unsqueeze(1) * gram[grown] - drop_value.unsqueeze(1) * gram[dropped]
         swaps += row.numel()
         active = row
-    error_after = _row_errors(weight, dense, (weight - dense) @ gram)
-    return SwapOutcome(weight, swaps, float(error_before.sum()), float(error_after.sum()))
+    error_after = _row_errors(weight, dense, half_gradient)  # g was kept up to date swap by swap
+    grown = int((pruned_at_start & ~pruned).sum())
+    return SwapOutcome(weight, swaps, grown, float(error_before.sum()), float(error_after.sum()))
 
 
 def _row_errors(weight: torch.Tensor, dense: torch.Tensor, half_gradient: torch.Tensor) -> torch.Tensor:
