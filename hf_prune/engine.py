@@ -22,13 +22,13 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from .architectures import DecoderLayout, Operator
+from .block_chunking import chunked_blocks
 from .calibration import CalibrationSet
 from .capture import LayerCall, capture_layer_inputs, move_to
 from .config import PruningConfig
 from .host_memory import return_freed_memory_to_os
 from .layer_pass import StatisticsCollector, check_finite, run_layer
 from .methods.base import LayerContext, LayerPruner
-from .mlp_chunking import chunked_mlp
 from .offload import OffloadStats, activation_bytes, free_device_bytes, is_offloaded, layer_on_device, plan_activations
 from .owl import owl_layer_sparsities
 from .statistics import InputStatistics
@@ -148,7 +148,7 @@ def _prune_layer(layout: DecoderLayout, targets: list[list[Operator]], pruner: L
         targets[index], pruner.statistics_kind, device, on_ready=prune_now if one_pass else None
     )
     try:
-        with chunked_mlp(layout, index, targets[index], collector) if one_pass else contextlib.nullcontext():
+        with chunked_blocks(layout, index, targets[index], collector) if one_pass else contextlib.nullcontext():
             outputs = run_layer(layer, hidden, call, batch_size, collector.end_batch)
     finally:
         collector.remove()

@@ -1,0 +1,87 @@
+"""One-pass pruning with attention and MLP run in chunks gives the result of running them whole."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from tiny_models import FAMILIES, tiny_model
+
+import hf_prune.block_chunking as block_chunking
+import hf_prune.engine as engine
+from hf_prune import SparseGPTConfig, WandaConfig
+from hf_prune.architectures import DecoderLayout
+
+
+@contextlib.contextmanager
+def _whole_blocks(*args, **kwargs):
+    yield []
+
+
+def _first_input(layout: DecoderLayout, kind: str) -> str:
+    spec = layout.spec
+    return spec.mlp_in[0] if kind == "mlp" else (spec.qkv or spec.q)
+
+
+def _prune(family: str, config, token_ids, monkeypatch, chunked: bool):
+    """Prune a tiny model; also return the most tokens its first attention and MLP projections saw at once."""
+    model = tiny_model(family)
+    monkeypatch.setattr(block_chunking, "CHUNK_TOKENS", 2 * token_ids.shape[1])  # 2 samples per chunk
+    if not chunked:
+        monkeypatch.setattr(engine, "chunked_blocks", _whole_blocks)
+    layout = DecoderLayout(model)
+    largest: dict[str, list[int]] = {"attention": [], "mlp": []}
+    handles = [
+        layout.submodule(0, _first_input(layout, kind)).register_forward_pre_hook(
+            lambda module, inputs, seen=seen: seen.append(inputs[0].shape[:-1].numel()))
+        for kind, seen in largest.items()
+    ]
+    model.prune(config, calibration_data=token_ids)
+    for handle in handles:
+        handle.remove()
+    return model, {kind: max(seen) for kind, seen in largest.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_chunked_blocks_prune_like_whole_blocks(family, method, token_ids, monkeypatch):
+    make = {"wanda": WandaConfig, "sparsegpt": SparseGPTConfig}[method]
+    config = make(sparsity=0.5, device="cpu")
+    chunked, chunked_batch = _prune(family, config, token_ids, monkeypatch, chunked=True)
+    monkeypatch.undo()
+    whole, whole_batch = _prune(family, config, token_ids, monkeypatch, chunked=False)
+    tokens = token_ids.numel()
+    assert whole_batch == {"attention": tokens, "mlp": tokens}
+    inline_mlp = "." not in DecoderLayout(whole).spec.mlp_out  # OPT: fc1/fc2 inline in the layer
+    assert chunked_batch == {"attention": 2 * token_ids.shape[1],
+                             "mlp": tokens if inline_mlp else 2 * token_ids.shape[1]}
+    chunked_state, whole_state = chunked.state_dict(), whole.state_dict()
+    for name, weight in whole_state.items():
+        assert torch.equal(chunked_state[name] == 0, weight == 0), f"{name}: different mask"
+        torch.testing.assert_close(chunked_state[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+    probe = token_ids[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(probe).logits, whole(probe).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_chunks_fit_the_byte_budget(token_ids, monkeypatch):
+    """On the CPU a chunk's widest temporary stays within ``CPU_CHUNK_BYTES`` (whole samples)."""
+    seq = token_ids.shape[1]
+    model = tiny_model("llama")  # hidden 64, intermediate 128
+    layout = DecoderLayout(model)
+    monkeypatch.setattr(block_chunking, "CPU_CHUNK_BYTES", 3 * seq * 128 * 4)  # 3 samples of MLP activations
+    seen: dict[str, list[int]] = {"mlp": [], "attention": []}
+    for kind, name in (("mlp", layout.spec.mlp_out), ("attention", layout.spec.o)):
+        layout.submodule(0, name).register_forward_pre_hook(
+            lambda module, inputs, seen=seen[kind]: seen.append(inputs[0].shape[0]))
+    model.prune(WandaConfig(sparsity=0.5, device="cpu"), calibration_data=token_ids)
+    assert seen["mlp"] == [3, 3, 2]  # 8 samples, 3 per chunk: the MLP is 128 wide
+    assert seen["attention"] == [6, 2]  # the attention is 64 wide: twice the samples per chunk
+
+
+def test_batched_statistics_do_not_chunk(token_ids, monkeypatch):
+    """With ``batch_size`` set the run is two-pass and the blocks run as transformers wrote them."""
+    model, largest = _prune("llama", WandaConfig(sparsity=0.5, device="cpu", batch_size=4), token_ids, monkeypatch,
+                            chunked=True)
+    assert largest == {"attention": 4 * token_ids.shape[1], "mlp": 4 * token_ids.shape[1]}
