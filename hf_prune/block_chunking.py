@@ -120,6 +120,10 @@ def chunked_blocks(layout: DecoderLayout, index: int, targets: list[Operator], c
                 [by_local[name] for name in block.inputs if name in by_local], by_local.get(block.output),
                 collector, chunk_tokens or CHUNK_TOKENS, _widest_per_token(layout, index, block),
             )
+        for norm in layer.children():
+            if type(norm).__name__.endswith("RMSNorm"):
+                patched.append((norm, norm.__dict__.get("forward")))
+                norm.forward = _chunked_norm(norm.forward)
     try:
         yield [block.path for block in chunkable_blocks(layout.spec)] if patched else []
     finally:
@@ -128,6 +132,27 @@ def chunked_blocks(layout: DecoderLayout, index: int, targets: list[Operator], c
                 del module.forward
             else:
                 module.forward = own_forward
+
+
+def _chunked_norm(original_forward):
+    """A per-token RMSNorm on CPU, chunk by chunk: its float32 temporaries (square, scaled,
+    weighted) come from the heap and stay in cache; only the output is full size."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if not isinstance(x, torch.Tensor) or x.dim() < 3 or x.shape[0] < 2 or x.device.type != "cpu":
+            return original_forward(*args, **kwargs)
+        samples_per_chunk = max(1, CPU_CHUNK_BYTES // (x[0].numel() * 4))
+        with heap_for_temporaries():
+            first = original_forward(x[:samples_per_chunk])
+            result = first.new_empty((x.shape[0], *first.shape[1:]))
+            result[:samples_per_chunk] = first
+            del first
+            for start in range(samples_per_chunk, x.shape[0], samples_per_chunk):
+                result[start:start + samples_per_chunk] = original_forward(x[start:start + samples_per_chunk])
+        return result
+
+    return forward
 
 
 def _chunked_forward(original_forward, output: nn.Module, block: Block, input_ops: list[Operator],

@@ -25,17 +25,31 @@ def _first_input(layout: DecoderLayout, kind: str) -> str:
 
 
 def _prune(family: str, config, token_ids, monkeypatch, chunked: bool):
-    """Prune a tiny model; also return the most tokens its first attention and MLP projections saw at once."""
+    """Prune a tiny model; also return the most tokens its first attention and MLP projections
+    (and RMSNorms, where it has them) saw at once."""
     model = tiny_model(family)
-    monkeypatch.setattr(block_chunking, "CHUNK_TOKENS", 2 * token_ids.shape[1])  # 2 samples per chunk
+    seq = token_ids.shape[1]
+    monkeypatch.setattr(block_chunking, "CHUNK_TOKENS", 2 * seq)  # at most 2 samples per chunk
+    monkeypatch.setattr(block_chunking, "CPU_CHUNK_BYTES", 2 * seq * model.config.hidden_size * 4)
     if not chunked:
         monkeypatch.setattr(engine, "chunked_blocks", _whole_blocks)
     layout = DecoderLayout(model)
     largest: dict[str, list[int]] = {"attention": [], "mlp": []}
+    modules = {kind: layout.submodule(0, _first_input(layout, kind)) for kind in largest}
+    norms = [child for child in layout.layers[0].children() if type(child).__name__.endswith("RMSNorm")]
+    if norms:  # a norm's chunks bypass its hooks: record the calls of its class's forward
+        seen_by_norms = largest["norm"] = []
+        norm_forward = type(norms[0]).forward
+
+        def recording_forward(self, x, *args, **kwargs):
+            seen_by_norms.append(x.shape[:2].numel())  # (samples, tokens, ...): qwen3 also norms per head
+            return norm_forward(self, x, *args, **kwargs)
+
+        monkeypatch.setattr(type(norms[0]), "forward", recording_forward)
     handles = [
-        layout.submodule(0, _first_input(layout, kind)).register_forward_pre_hook(
+        modules[kind].register_forward_pre_hook(
             lambda module, inputs, seen=seen: seen.append(inputs[0].shape[:-1].numel()))
-        for kind, seen in largest.items()
+        for kind, seen in largest.items() if kind != "norm"
     ]
     model.prune(config, calibration_data=token_ids)
     for handle in handles:
@@ -51,11 +65,13 @@ def test_chunked_blocks_prune_like_whole_blocks(family, method, token_ids, monke
     chunked, chunked_batch = _prune(family, config, token_ids, monkeypatch, chunked=True)
     monkeypatch.undo()
     whole, whole_batch = _prune(family, config, token_ids, monkeypatch, chunked=False)
-    tokens = token_ids.numel()
-    assert whole_batch == {"attention": tokens, "mlp": tokens}
+    tokens, seq = token_ids.numel(), token_ids.shape[1]
+    assert set(whole_batch.values()) == {tokens}
     inline_mlp = "." not in DecoderLayout(whole).spec.mlp_out  # OPT: fc1/fc2 inline in the layer
-    assert chunked_batch == {"attention": 2 * token_ids.shape[1],
-                             "mlp": tokens if inline_mlp else 2 * token_ids.shape[1]}
+    if inline_mlp:
+        assert chunked_batch.pop("mlp") == tokens
+    assert all(seq <= seen <= 2 * seq for seen in chunked_batch.values()), chunked_batch
+    assert ("norm" in chunked_batch) == (family not in ("opt", "gpt2", "gpt_neox"))  # LayerNorm families
     chunked_state, whole_state = chunked.state_dict(), whole.state_dict()
     for name, weight in whole_state.items():
         assert torch.equal(chunked_state[name] == 0, weight == 0), f"{name}: different mask"
@@ -84,4 +100,27 @@ def test_batched_statistics_do_not_chunk(token_ids, monkeypatch):
     """With ``batch_size`` set the run is two-pass and the blocks run as transformers wrote them."""
     model, largest = _prune("llama", WandaConfig(sparsity=0.5, device="cpu", batch_size=4), token_ids, monkeypatch,
                             chunked=True)
-    assert largest == {"attention": 4 * token_ids.shape[1], "mlp": 4 * token_ids.shape[1]}
+    assert largest == {"attention": 4 * token_ids.shape[1], "mlp": 4 * token_ids.shape[1],
+                       "norm": 4 * token_ids.shape[1]}
+
+
+def test_only_per_sample_arguments_are_split():
+    """Tensors with one row per sample are cut to the chunk; shared ones (positions, 1-D) pass whole."""
+    samples = 4
+    hidden = torch.randn(samples, 3, 8)
+    cos = torch.randn(1, 3, 2)
+    cache_position = torch.arange(samples)  # 1-D, even when its length equals the sample count
+    mask = torch.zeros(samples, 1, 3, 3)
+    call = {"hidden_states": hidden, "position_embeddings": (cos, cos), "cache_position": cache_position,
+            "attention_mask": mask, "use_cache": False, "past_key_values": None}
+    assert block_chunking._splittable(tuple(call.values()))
+    part = block_chunking._take_samples(call, samples, 1, 3)
+    assert torch.equal(part["hidden_states"], hidden[1:3]) and torch.equal(part["attention_mask"], mask[1:3])
+    assert part["position_embeddings"][0] is cos and part["cache_position"] is cache_position
+    assert part["use_cache"] is False and part["past_key_values"] is None
+
+
+def test_a_kv_cache_keeps_the_block_whole():
+    from transformers import DynamicCache
+
+    assert not block_chunking._splittable((torch.zeros(2, 2), DynamicCache()))
