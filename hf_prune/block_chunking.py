@@ -177,11 +177,13 @@ def _chunked_forward(original_forward, output: nn.Module, block: Block, input_op
                 collector.observe(output_op, inputs[0], remember=False)
             raise _StopAtOutput
 
-        with heap_for_temporaries():
-            for op in input_ops:  # the input projections' statistics are complete: prune them now
-                collector.observe_and_prune(op, x)
-            handle = output.register_forward_pre_hook(take_input, prepend=True)
-            try:
+        # pruning runs outside the heap regions: a solver's temporaries of a few MiB must not
+        # land on top of the kept chunks, where they would stay resident until the next trim
+        for op in input_ops:  # the input projections' statistics are complete: prune them now
+            collector.observe_and_prune(op, x)
+        handle = output.register_forward_pre_hook(take_input, prepend=True)
+        try:
+            with heap_for_temporaries():
                 for start in range(0, samples, samples_per_chunk):
                     end = start + samples_per_chunk
                     try:
@@ -190,11 +192,12 @@ def _chunked_forward(original_forward, output: nn.Module, block: Block, input_op
                     except _StopAtOutput:
                         continue
                     raise RuntimeError(f"{block.output} was not called by {block.path}; cannot run it in chunks")
-            finally:
-                handle.remove()
-            if output_op is not None:
-                collector.mark_ready(output_op)
-            outputs = []
+        finally:
+            handle.remove()
+        if output_op is not None:
+            collector.mark_ready(output_op)
+        outputs = []
+        with heap_for_temporaries():
             while pending:  # a chunk's intermediate activations are freed as soon as they were used
                 outputs.append(output(pending.pop(0)))
         result = torch.cat(outputs, dim=0)
