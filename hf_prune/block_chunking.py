@@ -99,15 +99,25 @@ def _widest_per_token(layout: DecoderLayout, index: int, block: Block) -> int:
     return max([operator(name).out_features for name in block.inputs] + [operator(block.output).in_features])
 
 
-@contextlib.contextmanager
-def chunked_blocks(layout: DecoderLayout, index: int, targets: list[Operator], collector: StatisticsCollector,
-                   chunk_tokens: int | None = None) -> Iterator[list[str]]:
-    """While active, layer ``index``'s attention and MLP blocks run chunk by chunk as described above.
+def _chunkable_input(x: Any) -> bool:
+    """A [samples, tokens..., width] tensor with more than one sample."""
+    return isinstance(x, torch.Tensor) and x.dim() >= 3 and x.shape[0] >= 2
 
-    Yields the paths of the blocks that are chunked. ``collector`` must be in one-pass mode
-    (pruning each operator when its statistics are complete). ``chunk_tokens`` defaults to
-    ``CHUNK_TOKENS``.
-    """
+
+def _samples_per_chunk(x: torch.Tensor, width: int, element_bytes: int, most_tokens: int) -> int:
+    """Whole samples of ``x`` per chunk: at most ``most_tokens`` tokens and, on the CPU, a
+    ``width``-wide temporary of at most ``CPU_CHUNK_BYTES``; at least one sample."""
+    if x.device.type == "cpu":
+        most_tokens = min(most_tokens, CPU_CHUNK_BYTES // (width * element_bytes))
+    return max(1, most_tokens // math.prod(x.shape[1:-1]))
+
+
+@contextlib.contextmanager
+def chunked_blocks(layout: DecoderLayout, index: int, targets: list[Operator],
+                   collector: StatisticsCollector) -> Iterator[None]:
+    """While active, layer ``index``'s attention and MLP blocks (and RMSNorms) run chunk by
+    chunk as described above. ``collector`` must be in one-pass mode (pruning each operator
+    when its statistics are complete)."""
     layer = layout.layers[index]
     patched: list[tuple[nn.Module, Any]] = []
     if not layer.training:
@@ -118,14 +128,14 @@ def chunked_blocks(layout: DecoderLayout, index: int, targets: list[Operator], c
             module.forward = _chunked_forward(
                 module.forward, layout.submodule(index, block.output), block,
                 [by_local[name] for name in block.inputs if name in by_local], by_local.get(block.output),
-                collector, chunk_tokens or CHUNK_TOKENS, _widest_per_token(layout, index, block),
+                collector, _widest_per_token(layout, index, block),
             )
         for norm in layer.children():
             if type(norm).__name__.endswith("RMSNorm"):
                 patched.append((norm, norm.__dict__.get("forward")))
                 norm.forward = _chunked_norm(norm.forward)
     try:
-        yield [block.path for block in chunkable_blocks(layout.spec)] if patched else []
+        yield
     finally:
         for module, own_forward in patched:
             if own_forward is None:
@@ -140,9 +150,9 @@ def _chunked_norm(original_forward):
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         x = args[0] if len(args) == 1 and not kwargs else None
-        if not isinstance(x, torch.Tensor) or x.dim() < 3 or x.shape[0] < 2 or x.device.type != "cpu":
+        if not _chunkable_input(x) or x.device.type != "cpu":
             return original_forward(*args, **kwargs)
-        samples_per_chunk = max(1, CPU_CHUNK_BYTES // (x[0].numel() * 4))
+        samples_per_chunk = _samples_per_chunk(x, x.shape[-1], 4, x.shape[:-1].numel())  # float32 temporaries
         with heap_for_temporaries():
             first = original_forward(x[:samples_per_chunk])
             result = first.new_empty((x.shape[0], *first.shape[1:]))
@@ -156,19 +166,14 @@ def _chunked_norm(original_forward):
 
 
 def _chunked_forward(original_forward, output: nn.Module, block: Block, input_ops: list[Operator],
-                     output_op: Operator | None, collector: StatisticsCollector, chunk_tokens: int,
-                     widest_per_token: int):
+                     output_op: Operator | None, collector: StatisticsCollector, widest_per_token: int):
     def forward(*args: Any, **kwargs: Any) -> Any:
         x = args[0] if args else kwargs.get("hidden_states")
-        if (not isinstance(x, torch.Tensor) or x.dim() < 3 or x.shape[0] < 2 or kwargs.get("output_attentions")
+        if (not _chunkable_input(x) or kwargs.get("output_attentions")
                 or not _splittable((args, tuple(kwargs.values())))):
             return original_forward(*args, **kwargs)
         samples = x.shape[0]
-        tokens_per_sample = math.prod(x.shape[1:-1])
-        most_tokens = chunk_tokens
-        if x.device.type == "cpu":
-            most_tokens = min(most_tokens, CPU_CHUNK_BYTES // (widest_per_token * x.element_size()))
-        samples_per_chunk = max(1, most_tokens // tokens_per_sample)
+        samples_per_chunk = _samples_per_chunk(x, widest_per_token, x.element_size(), CHUNK_TOKENS)
         pending: list[torch.Tensor] = []  # each chunk's input to the output projection
 
         def take_input(_module: nn.Module, inputs: tuple) -> None:

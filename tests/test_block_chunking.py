@@ -16,7 +16,7 @@ from hf_prune.architectures import DecoderLayout
 
 @contextlib.contextmanager
 def _whole_blocks(*args, **kwargs):
-    yield []
+    yield
 
 
 def _first_input(layout: DecoderLayout, kind: str) -> str:
