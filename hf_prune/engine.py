@@ -105,15 +105,20 @@ def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: Cali
 
                 prune_layers_parallel(layout, targets, pruner, hidden, calls, config, device, sparsities)
             else:
-                _prune_with_data(layout, targets, pruner, hidden, calls, config, device, sparsities, offload)
+                handed_over = [hidden]  # no reference stays here: layer 0's inputs are freed after layer 0
+                del hidden
+                _prune_with_data(layout, targets, pruner, handed_over, calls, config, device, sparsities, offload)
     finally:
         model.train(was_training)
     return PruningRun(sparsities, time.perf_counter() - start_time, offload)
 
 
 def _prune_with_data(layout: DecoderLayout, targets: list[list[Operator]], pruner: LayerPruner,
-                     hidden: torch.Tensor, calls: list[LayerCall], config: PruningConfig,
+                     handed_over: list[torch.Tensor], calls: list[LayerCall], config: PruningConfig,
                      device: torch.device, sparsities: list[float], offload: OffloadStats | None = None) -> None:
+    """The sequential pass. ``handed_over`` holds layer 0's inputs and is emptied, so that each
+    layer's inputs are freed as soon as its outputs replace them."""
+    hidden = handed_over.pop()
     samples = hidden.shape[0]
     batch_size = min(config.batch_size or samples, samples)
     storage, fitting_batch = plan_activations(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -38,7 +39,10 @@ class StatisticsCollector:
         self.on_ready = on_ready
         self.stats: dict[str, InputStatistics] = {}
         self.done: set[str] = set()
-        self._batch_inputs: list[tuple[torch.Tensor, StatKind, InputStatistics]] = []
+        # inputs seen in this batch, by weak reference: a shared input is recognised by identity
+        # while it lives, and the collector never keeps an activation alive (a dead reference
+        # matches nothing, so a new tensor at a freed address cannot be taken for it)
+        self._batch_inputs: list[tuple[weakref.ref[torch.Tensor], StatKind, InputStatistics]] = []
         self._kinds = {op.name: kind_for(op) for op in ops}
         self._handles = [op.module.register_forward_pre_hook(self._hook_for(op)) for op in ops]
 
@@ -50,19 +54,19 @@ class StatisticsCollector:
 
     def _observe(self, op: Operator, kind: StatKind, x: torch.Tensor, remember: bool = True) -> None:
         for seen, seen_kind, stats in self._batch_inputs:
-            if seen is x and seen_kind is kind:
+            if seen() is x and seen_kind is kind:
                 self.stats.setdefault(op.name, stats)
                 return
         stats = self.stats.get(op.name) or InputStatistics(op.in_features, kind, self.device)
         stats.update(x)
         self.stats[op.name] = stats
-        if remember:  # keep a reference so that the tensor's memory cannot be reused within this batch
-            self._batch_inputs.append((x, kind, stats))
+        if remember:
+            self._batch_inputs.append((weakref.ref(x), kind, stats))
 
     def observe(self, op: Operator, x: torch.Tensor, remember: bool = True) -> None:
         """Add ``x`` (the operator's input, or part of it) to its statistics, as its hook would.
 
-        ``remember=False`` for inputs no other operator shares (nothing is kept alive)."""
+        ``remember=False`` for inputs no other operator shares."""
         kind = self._kinds[op.name]
         if kind is not StatKind.NONE:
             self._observe(op, kind, x, remember)
@@ -80,7 +84,7 @@ class StatisticsCollector:
             self.mark_ready(op)
 
     def end_batch(self) -> None:
-        """Forget this batch's input tensors (kept only to detect shared inputs)."""
+        """Forget this batch's input tensors (remembered only to detect shared inputs)."""
         self._batch_inputs.clear()
 
     def remove(self) -> None:

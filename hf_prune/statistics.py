@@ -44,9 +44,15 @@ def add_upper_gram(total: torch.Tensor, x: torch.Tensor, block: int = 192) -> No
         total[lo:hi, lo:].addmm_(x[:, lo:hi].T, x[:, lo:])
 
 
-def mirror_upper(matrix: torch.Tensor) -> torch.Tensor:
-    """Make a square ``matrix`` exactly symmetric from its upper triangle, in place."""
-    matrix.copy_(torch.triu(matrix) + torch.triu(matrix, diagonal=1).T)
+def mirror_upper(matrix: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """Make a square ``matrix`` exactly symmetric from its upper triangle, in place, a block of
+    columns at a time: no temporary is larger than one ``block x block`` diagonal block."""
+    width = matrix.shape[0]
+    for lo in range(0, width, block):
+        hi = min(lo + block, width)
+        diagonal = matrix[lo:hi, lo:hi]
+        diagonal.copy_(torch.triu(diagonal) + torch.triu(diagonal, diagonal=1).T)
+        matrix[hi:, lo:hi].copy_(matrix[lo:hi, hi:].T)
     return matrix
 
 

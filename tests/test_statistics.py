@@ -47,6 +47,13 @@ def test_upper_gram_leaves_the_lower_blocks_alone():
     torch.testing.assert_close(mirror_upper(total), x.T @ x, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("width", [7, 8, 10])
+def test_mirror_copies_the_upper_triangle_exactly_block_by_block(width):
+    matrix = torch.randn(width, width)
+    expected = torch.triu(matrix) + torch.triu(matrix, diagonal=1).T
+    assert torch.equal(mirror_upper(matrix, block=4), expected)
+
+
 def test_finite_check_sees_nan_and_inf_but_not_a_large_finite_sum():
     big = torch.full((4, 8, 16), 3e38)  # every entry finite, their sum overflows
     check_finite(big, 0, torch.float32)

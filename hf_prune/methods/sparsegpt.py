@@ -8,13 +8,14 @@ give each row the same number of pruned weights, so the requested sparsity holds
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ..config import PruningConfig
-from ..patterns import Pattern, lowest_per_group, prune_count
+from ..patterns import Pattern, prune_count
 from ..statistics import InputStatistics, StatKind
 from .base import LayerPruner
 
@@ -52,18 +53,21 @@ def inverse_hessian_factor(gram: torch.Tensor, dampening: float) -> tuple[torch.
 
     If the damped Hessian is still not positive definite (near-singular inputs), the
     dampening is raised tenfold up to three times before giving up with a clear error.
+    Each intermediate is freed as soon as the next exists: no more than two ``in x in``
+    matrices besides ``gram`` are alive at once.
     """
-    hessian = gram.clone()
-    dead = torch.diagonal(hessian) == 0
-    hessian[dead, dead] = 1.0
-    mean_diag = torch.diagonal(hessian).mean()
+    dead = torch.diagonal(gram) == 0
+    diagonal = torch.diagonal(gram).masked_fill(dead, 1.0)  # a dead input gets a unit diagonal
     for attempt in range(4):
-        damped = hessian.clone()
-        damped.diagonal().add_(dampening * (10**attempt) * mean_diag)
+        damped = gram.clone()
+        damped.diagonal().copy_(diagonal + dampening * (10**attempt) * diagonal.mean())
         factor, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             inverse = torch.cholesky_inverse(factor)
+            del factor
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0:
                 return upper, dead
     raise ValueError(
@@ -72,25 +76,72 @@ def inverse_hessian_factor(gram: torch.Tensor, dampening: float) -> tuple[torch.
     )
 
 
-def _block_mask(weight: torch.Tensor, upper: torch.Tensor, start: int, end: int,
+def _block_mask(columns: torch.Tensor, upper: torch.Tensor, start: int, end: int,
                 remaining: torch.Tensor) -> torch.Tensor:
-    """Pruned entries of columns ``start:end`` for an unstructured pattern.
+    """Pruned entries of weight columns ``start:end`` for an unstructured pattern, as rows of
+    ``columns`` (the transposed weight, one row per input column).
 
-    Each row still owes ``remaining`` pruned weights. They are placed where the OBS
+    Each weight row still owes ``remaining`` pruned weights. They are placed where the OBS
     saliency ``w² / [U]_jj²`` of the current (already updated) weights is lowest among all
     columns not yet processed, and those that fall inside this block are pruned now. Rows
     thus spend their quota where it costs least, not a fixed share per block, and every
     row ends with exactly its quota (the last block takes whatever is left).
     """
-    ahead = weight[:, start:]
-    saliency = ahead.square() / torch.diagonal(upper)[start:].square()
+    saliency = (columns[start:] / torch.diagonal(upper)[start:].unsqueeze(1)).square_().t()
     most = int(remaining.max()) if remaining.numel() else 0
     chosen = torch.zeros_like(saliency, dtype=torch.bool)
     if most > 0:  # the `most` lowest of each row, in order; a row takes the first `remaining` of them
         lowest = saliency.topk(most, dim=1, largest=False, sorted=True).indices
-        owed = torch.arange(most, device=weight.device).unsqueeze(0) < remaining.unsqueeze(1)
+        owed = torch.arange(most, device=columns.device).unsqueeze(0) < remaining.unsqueeze(1)
         chosen.scatter_(1, lowest, owed)
-    return chosen[:, : end - start]
+    return chosen[:, : end - start].t()
+
+
+def _group_scale(block: torch.Tensor, inverse_diag: torch.Tensor, pattern: Pattern, out: torch.Tensor) -> None:
+    """N:M choice for one group of ``m`` weight columns (rows of ``block``): ``out`` gets
+    ``1/[U]_jj`` where a weight is pruned (its OBS saliency among the group's lowest ``m - n``)
+    and 0 where it is kept."""
+    saliency = (block * inverse_diag).square_()
+    lowest = saliency.topk(pattern.m - pattern.n, dim=0, largest=False).indices
+    out.zero_().scatter_(0, lowest, inverse_diag.expand_as(out).gather(0, lowest))
+
+
+def prune_with_factor(weight: torch.Tensor, upper: torch.Tensor, dead: torch.Tensor, sparsity: float,
+                      pattern: Pattern, block_size: int) -> torch.Tensor:
+    """SparseGPT on an ``(out, in)`` fp32 weight, in place, given ``inverse_hessian_factor``'s result.
+
+    The work runs on the transposed weight, so that a weight column is a contiguous row: the
+    per-column error step and its rank-1 update then touch contiguous memory (2x faster on
+    CPU than strided columns), and N:M groups are chosen on whole rows.
+    """
+    weight[:, dead] = 0.0
+    columns = weight.t().contiguous()  # (in, out): row j holds weight column j
+    width = columns.shape[0]
+    inverse_diag = torch.diagonal(upper).reciprocal().unsqueeze(1)
+    remaining = torch.full((weight.shape[0],), prune_count(sparsity, width), device=weight.device)
+    for start in range(0, width, block_size):
+        end = min(start + block_size, width)
+        block = columns[start:end]
+        factor = upper[start:end, start:end]
+        if pattern.is_nm:
+            scale = torch.empty_like(block)  # filled group by group below
+        else:
+            mask = _block_mask(columns, upper, start, end, remaining)
+            remaining -= mask.sum(dim=0)
+            scale = mask * inverse_diag[start:end]  # 1/[U]_jj where pruned, 0 where kept
+        errors = torch.empty_like(block)
+        rows, scale_rows, error_rows = block.unbind(0), scale.unbind(0), errors.unbind(0)
+        for j in range(end - start):
+            if pattern.is_nm and j % pattern.m == 0:
+                group = slice(j, j + pattern.m)
+                _group_scale(block[group], inverse_diag[start + j:start + j + pattern.m], pattern, scale[group])
+            # OBS: a pruned weight's error, spread over the columns not yet processed (a kept
+            # weight has no error: its column only changes by the updates of earlier ones)
+            torch.mul(rows[j], scale_rows[j], out=error_rows[j])
+            block[j + 1:].addr_(factor[j, j + 1:], error_rows[j], alpha=-1.0)
+        block.masked_fill_(scale != 0, 0.0)
+        columns[end:].addmm_(upper[start:end, end:].t(), errors, alpha=-1.0)
+    return weight.copy_(columns.t())
 
 
 def sparsegpt_prune(
@@ -98,43 +149,31 @@ def sparsegpt_prune(
 ) -> torch.Tensor:
     """Prune an ``(out, in)`` fp32 weight in place with SparseGPT and return it."""
     upper, dead = inverse_hessian_factor(gram, dampening)
-    weight[:, dead] = 0.0
-    cols = weight.shape[1]
-    remaining = torch.full((weight.shape[0],), prune_count(sparsity, cols), device=weight.device)
-    for start in range(0, cols, block_size):
-        end = min(start + block_size, cols)
-        block = weight[:, start:end].clone()
-        factor = upper[start:end, start:end]
-        diag = torch.diagonal(factor)
-        errors = torch.zeros_like(block)
-        if pattern.is_nm:
-            mask = torch.zeros_like(block, dtype=torch.bool)
-            error_scale = torch.zeros_like(block)
-        else:
-            mask = _block_mask(weight, upper, start, end, remaining)
-            remaining -= mask.sum(dim=1)
-            error_scale = mask / diag  # 1/[U]_jj where pruned, 0 where kept
-        for j in range(end - start):
-            if pattern.is_nm and j % pattern.m == 0:
-                group = slice(j, j + pattern.m)
-                mask[:, group] = lowest_per_group(block[:, group].square() / diag[group].square(), pattern.n, pattern.m)
-                error_scale[:, group] = mask[:, group] / diag[group]
-            # OBS: a pruned weight's error, spread over the columns not yet processed (a kept
-            # weight has no error: its column only changes by the updates of earlier ones)
-            torch.mul(block[:, j], error_scale[:, j], out=errors[:, j])
-            block[:, j:].addr_(errors[:, j], factor[j, j:], alpha=-1.0)
-        weight[:, start:end] = block.masked_fill_(mask, 0.0)
-        weight[:, end:].addmm_(errors, upper[start:end, end:], alpha=-1.0)
-    return weight
+    return prune_with_factor(weight, upper, dead, sparsity, pattern, block_size)
 
 
 class SparseGPTPruner(LayerPruner):
+    def __init__(self, config: SparseGPTConfig) -> None:
+        super().__init__(config)
+        # operators fed the same input (q/k/v, gate/up) share one statistics object: its
+        # factor is computed once for all of them (and dropped with the statistics)
+        self._factors: weakref.WeakKeyDictionary[InputStatistics, tuple[int, torch.device, tuple]] = (
+            weakref.WeakKeyDictionary()
+        )
+
     def statistics_kind(self, op) -> StatKind:
         return StatKind.GRAM
+
+    def _factor(self, stats: InputStatistics, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._factors.get(stats)
+        if cached is not None and cached[0] == stats.tokens and cached[1] == device:
+            return cached[2]
+        factor = inverse_hessian_factor(stats.gram.to(device), self.config.dampening)
+        self._factors[stats] = (stats.tokens, device, factor)
+        return factor
 
     def prune_weight(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: float) -> torch.Tensor:
         if stats is None:
             raise ValueError("SparseGPT needs calibration statistics for every operator")
-        return sparsegpt_prune(
-            weight, stats.gram.to(weight.device), sparsity, self.pattern, self.config.block_size, self.config.dampening
-        )
+        upper, dead = self._factor(stats, weight.device)
+        return prune_with_factor(weight, upper, dead, sparsity, self.pattern, self.config.block_size)
