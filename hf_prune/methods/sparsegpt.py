@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from ..config import PruningConfig
-from ..patterns import Pattern, prune_count
+from ..patterns import Pattern, lowest_per_group, prune_count
 from ..statistics import InputStatistics, StatKind
 from .base import LayerPruner
 
@@ -102,8 +102,7 @@ def _group_scale(block: torch.Tensor, inverse_diag: torch.Tensor, pattern: Patte
     ``1/[U]_jj`` where a weight is pruned (its OBS saliency among the group's lowest ``m - n``)
     and 0 where it is kept."""
     saliency = (block * inverse_diag).square_()
-    lowest = saliency.topk(pattern.m - pattern.n, dim=0, largest=False).indices
-    out.zero_().scatter_(0, lowest, inverse_diag.expand_as(out).gather(0, lowest))
+    torch.mul(lowest_per_group(saliency.t(), pattern.n, pattern.m).t(), inverse_diag, out=out)
 
 
 def prune_with_factor(weight: torch.Tensor, upper: torch.Tensor, dead: torch.Tensor, sparsity: float,
