@@ -1,7 +1,7 @@
 """Peak memory of pruning a model larger than the memory budget (accelerate offload) vs in memory.
 
-A random llama of the given size is saved as safetensors, then pruned with Wanda twice, each
-in a fresh process so that peaks do not mix: once loaded whole ("in-memory") and once loaded
+A random llama of the given size is saved as safetensors, then pruned (``--method``, Wanda by
+default) twice, each in a fresh process so that peaks do not mix: once loaded whole ("in-memory") and once loaded
 with ``device_map="auto"``, ``max_memory`` set to ``--budget-mb`` and the rest offloaded to
 disk ("offloaded"). Each run reports the growth of host RSS over the process's state after
 imports (peak resident set, reset through ``/proc/self/clear_refs`` where Linux allows it),
@@ -69,17 +69,31 @@ def build(args: argparse.Namespace) -> None:
     model.save_pretrained(args.work, max_shard_size="200MB")
 
 
+METHODS = ("wanda", "sparsegpt", "owl", "llm-rank")
+
+
+def pruning_config(method: str, device: str):
+    """The config each ``--method`` runs: 50% unstructured, or 30% of the MLP neurons for LLM-Rank."""
+    from hf_prune import LLMRankConfig, SparseGPTConfig, WandaConfig
+
+    if method == "llm-rank":
+        return LLMRankConfig(amount=0.3, device=device)
+    if method == "sparsegpt":
+        return SparseGPTConfig(sparsity=0.5, device=device)
+    return WandaConfig(sparsity=0.5, owl=method == "owl", device=device)
+
+
 def prune_once(args: argparse.Namespace) -> None:
     import torch
 
-    from hf_prune import AutoPrunedModelForCausalLM, WandaConfig
+    from hf_prune import AutoPrunedModelForCausalLM
     from hf_prune.calibration import build_calibration
     from hf_prune.engine import prune_model
 
     gpu = torch.cuda.is_available()
     ids = torch.randint(0, args.vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(1))
     calibration = build_calibration(ids, None, "c4-sample", args.samples, args.seq_len, 0)
-    config = WandaConfig(sparsity=0.5, device="cuda" if gpu else "cpu")
+    config = pruning_config(args.method, "cuda" if gpu else "cpu")
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     _reset_peak()
@@ -95,11 +109,12 @@ def prune_once(args: argparse.Namespace) -> None:
         model = AutoPrunedModelForCausalLM.from_pretrained(args.work, dtype=torch.float32,
                                                            device_map="cuda" if gpu else None)
     load_peak = _rss_peak() - base
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     run = prune_model(model, config, calibration)
     seconds = time.perf_counter() - start
     result = {
         "mode": args.mode,
-        "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "model_bytes": model_bytes,
         "rss_growth": _rss_peak() - base,
         "rss_growth_load": load_peak,
         "gpu_peak": torch.cuda.max_memory_allocated() if gpu else None,
@@ -129,6 +144,9 @@ def _child(args: argparse.Namespace, mode: str) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--method", choices=METHODS, default="wanda",
+                        help="wanda/sparsegpt/owl (Wanda with OWL's dense scan): 50%% unstructured; "
+                             "llm-rank: 30%% of MLP neurons removed")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=None, help="default: 2.75 x hidden")
     parser.add_argument("--layers", type=int, default=8)
@@ -159,7 +177,8 @@ def main() -> None:
         results = [_child(args, "in-memory"), _child(args, "offloaded")]
     size = results[0]["model_bytes"]
     mib = 2**20
-    print(f"model: llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
+    print(f"method: {args.method}; model: llama hidden {args.hidden}, intermediate {args.intermediate}, "
+          f"{args.layers} layers, "
           f"{size / mib:.0f} MiB fp32; budget {args.budget_mb} MiB; calibration {args.samples}x{args.seq_len}; "
           f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold or 'glibc default'}")
     print(f"{'mode':<10} {'placement':<12} {'RSS after load MiB':>19} {'RSS growth MiB':>15} {'/model':>7} "

@@ -74,11 +74,6 @@ def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: Cali
             pruner.validate(op)
     device = resolve_device(config.device)
     offload = OffloadStats() if is_offloaded(model) else None
-    if offload is not None and (config.owl is not None or getattr(pruner, "dense_inputs", False)):
-        raise ValueError(
-            f"{'OWL' if config.owl is not None else config.method!r} cannot prune a model whose layers are offloaded "
-            "by accelerate (device_map with 'cpu'/'disk'); load it without offloading or use a sequential method"
-        )
     was_training = model.training
     model.eval()
     try:
@@ -97,13 +92,13 @@ def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: Cali
                 raise ValueError(f"method {config.method!r} needs calibration data")
             hidden, calls = capture_layer_inputs(layout, calibration.input_ids)
             if config.owl is not None:
-                sparsities = owl_layer_sparsities(layout, targets, hidden, calls, config, device)
+                sparsities = owl_layer_sparsities(layout, targets, hidden, calls, config, device, offload)
             else:
                 sparsities = [config.sparsity] * len(layout)
             if getattr(pruner, "dense_inputs", False):  # layers independent: parallel over devices/ranks
                 from .parallel import prune_layers_parallel
 
-                prune_layers_parallel(layout, targets, pruner, hidden, calls, config, device, sparsities)
+                prune_layers_parallel(layout, targets, pruner, hidden, calls, config, device, sparsities, offload)
             else:
                 handed_over = [hidden]  # no reference stays here: layer 0's inputs are freed after layer 0
                 del hidden

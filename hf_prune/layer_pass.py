@@ -126,10 +126,3 @@ def check_finite(tensor: torch.Tensor, layer_index: int, model_dtype: torch.dtyp
         "calibration text. Nothing was saved"
     )
 
-
-def move_layer(layer: nn.Module, device: torch.device) -> torch.device:
-    """Move ``layer`` to ``device``; return where it was."""
-    original = next(layer.parameters()).device
-    if original != device:
-        layer.to(device)
-    return original

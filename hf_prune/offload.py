@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 PRUNED_SUBFOLDER = "hf_prune_pruned"
+_FOLDER_LOCK = threading.Lock()  # worker threads (one per device) may write layers at the same time
 
 
 @dataclass
@@ -117,6 +119,10 @@ class _Store:
         self.model = model
 
     def folder_for(self, loader) -> str:
+        with _FOLDER_LOCK:
+            return self._folder_for(loader)
+
+    def _folder_for(self, loader) -> str:
         base = getattr(loader, "save_folder", None)
         if base is None:
             base = getattr(self.model, "_hf_prune_offload_tmp", None)
@@ -154,14 +160,15 @@ class _Store:
 
 @contextmanager
 def layer_on_device(model: nn.Module, layer: nn.Module, layer_name: str, device: torch.device,
-                    stats: OffloadStats | None = None) -> Iterator[None]:
+                    stats: OffloadStats | None = None, write_back: bool = True) -> Iterator[None]:
     """Hold ``layer`` on ``device`` for the body, then put it back where it was.
 
     A plain layer is moved with ``.to`` and back. A layer with accelerate-offloaded modules
     has their weights read from the offload store onto ``device``, its hooks are told to run
     on ``device`` without reloading or dropping weights, and on a normal exit its weights are
     written back to the store (CPU dict, or a new safetensors file for disk) and put back on
-    ``meta``. On an exception nothing is written back.
+    ``meta``. On an exception, or with ``write_back=False`` (a dense pass that changes no
+    weight), nothing is written back.
     """
     hooked = [(module, hook) for module in layer.modules() for hook in _align_hooks(module)]
     offloaded = [(name, module, hook) for name, module in layer.named_modules()
@@ -208,7 +215,7 @@ def layer_on_device(model: nn.Module, layer: nn.Module, layer_name: str, device:
         for hook, exec_device, offload in saved:
             hook.execution_device = exec_device
             hook.offload = offload
-        if completed and offloaded:
+        if completed and write_back and offloaded:
             entries = []
             for _, module, hook in offloaded:
                 loader, prefix = _unprefix(hook.weights_map)

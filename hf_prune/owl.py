@@ -14,7 +14,8 @@ from transformers.utils import logging
 from .architectures import DecoderLayout, Operator
 from .capture import LayerCall, move_to
 from .config import PruningConfig
-from .layer_pass import StatisticsCollector, check_finite, move_layer, run_layer
+from .layer_pass import StatisticsCollector, check_finite, run_layer
+from .offload import OffloadStats, layer_on_device
 from .statistics import StatKind
 
 logger = logging.get_logger(__name__)
@@ -43,8 +44,10 @@ def spread_sparsity(ratios: list[float], target: float, max_shift: float) -> lis
 
 
 def owl_layer_sparsities(layout: DecoderLayout, targets: list[list[Operator]], hidden: torch.Tensor,
-                         calls: list[LayerCall], config: PruningConfig, device: torch.device) -> list[float]:
-    """Run the dense model over the calibration data and return OWL's sparsity per layer."""
+                         calls: list[LayerCall], config: PruningConfig, device: torch.device,
+                         offload: OffloadStats | None = None) -> list[float]:
+    """Run the dense model over the calibration data and return OWL's sparsity per layer
+    (offloaded layers are read from their store one at a time and left unchanged)."""
     settings = config.owl
     samples = hidden.shape[0]
     batch_size = min(config.batch_size or samples, samples)
@@ -52,17 +55,15 @@ def owl_layer_sparsities(layout: DecoderLayout, targets: list[list[Operator]], h
     ratios = []
     for index in logging.tqdm(range(len(layout)), desc="OWL outlier scan", unit="layer"):
         layer = layout.layers[index]
-        original_device = move_layer(layer, device)
-        call = LayerCall(move_to(calls[index].args, device), move_to(calls[index].kwargs, device))
-        collector = StatisticsCollector(targets[index], lambda op: StatKind.NORMS, device)
-        try:
-            hidden = run_layer(layer, hidden, call, batch_size, collector.end_batch)
-        finally:
-            collector.remove()
-        check_finite(hidden, index, layout.model.dtype)
-        ratios.append(outlier_ratio(targets[index], collector, settings.threshold) if targets[index] else 0.0)
-        if original_device != device:
-            layer.to(original_device)
+        with layer_on_device(layout.model, layer, layout.layer_prefix(index), device, offload, write_back=False):
+            call = LayerCall(move_to(calls[index].args, device), move_to(calls[index].kwargs, device))
+            collector = StatisticsCollector(targets[index], lambda op: StatKind.NORMS, device)
+            try:
+                hidden = run_layer(layer, hidden, call, batch_size, collector.end_batch)
+            finally:
+                collector.remove()
+            check_finite(hidden, index, layout.model.dtype)
+            ratios.append(outlier_ratio(targets[index], collector, settings.threshold) if targets[index] else 0.0)
     sparsities = spread_sparsity(ratios, config.sparsity, settings.max_shift)
     logger.info("OWL layer sparsities: %s", ", ".join(f"{s:.3f}" for s in sparsities))
     return sparsities

@@ -15,11 +15,16 @@ handed to a worker as soon as its inputs are known:
   them, so every rank ends with the whole pruned model. Only rank 0 saves
   (``is_main_process``). With several processes per machine, each uses GPU ``LOCAL_RANK``.
 
+Layers offloaded by accelerate (``device_map`` with ``"cpu"``/``"disk"``) are read from their
+store for the dense pass (nothing written back) and again to be pruned (written back), so
+a process holds one offloaded layer, plus one per worker thread.
+
 The result is the same whatever the split: a layer's work depends only on its dense inputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,8 +36,9 @@ from .architectures import DecoderLayout, Operator
 from .capture import LayerCall, move_to
 from .config import PruningConfig
 from .engine import prune_operator_now
-from .layer_pass import StatisticsCollector, check_finite, move_layer, run_layer
+from .layer_pass import StatisticsCollector, check_finite, run_layer
 from .methods.base import LayerContext, LayerPruner
+from .offload import OffloadStats, is_offloaded, layer_on_device
 
 logger = logging.get_logger(__name__)
 
@@ -90,11 +96,11 @@ def worker_devices(config: PruningConfig, main: torch.device, world_size: int) -
 
 def prune_one_layer(pruner: LayerPruner, layout: DecoderLayout, index: int, targets: list[Operator],
                     inputs: torch.Tensor, call: LayerCall, sparsity: float, device: torch.device,
-                    batch_size: int) -> None:
-    """Prune layer ``index`` on ``device`` from its dense ``inputs``; the layer goes back where it was."""
+                    batch_size: int, offload: OffloadStats | None = None) -> None:
+    """Prune layer ``index`` on ``device`` from its dense ``inputs``; the layer goes back where it was
+    (an offloaded layer is read from its store and its pruned weights written back)."""
     layer = layout.layers[index]
-    original = move_layer(layer, device)
-    try:
+    with layer_on_device(layout.model, layer, layout.layer_prefix(index), device, offload):
         context = LayerContext(layout, index, layer, inputs.to(device),
                                LayerCall(move_to(call.args, device), move_to(call.kwargs, device)),
                                targets, sparsity, device, batch_size)
@@ -109,14 +115,11 @@ def prune_one_layer(pruner: LayerPruner, layout: DecoderLayout, index: int, targ
             for op in targets:
                 prune_operator_now(pruner, op, collector.stats.get(op.name), sparsity, device)
         pruner.finish_layer(context)
-    finally:
-        if original != device:
-            layer.to(original)
 
 
 def prune_layers_parallel(layout: DecoderLayout, targets: list[list[Operator]], pruner: LayerPruner,
                           hidden: torch.Tensor, calls: list[LayerCall], config: PruningConfig,
-                          device: torch.device, sparsities: list[float]) -> None:
+                          device: torch.device, sparsities: list[float], offload: OffloadStats | None = None) -> None:
     """Prune this rank's share of the layers from dense inputs, over its devices; then share the results.
 
     Under torch.distributed, every rank learns whether any rank failed before the results
@@ -125,11 +128,13 @@ def prune_layers_parallel(layout: DecoderLayout, targets: list[list[Operator]], 
     """
     world_size, rank = distributed_state()
     if world_size == 1:
-        _prune_my_layers(layout, targets, pruner, hidden, calls, config, device, sparsities, world_size, rank)
+        _prune_my_layers(layout, targets, pruner, hidden, calls, config, device, sparsities, world_size, rank,
+                         offload)
         return
     error: Exception | None = None
     try:
-        _prune_my_layers(layout, targets, pruner, hidden, calls, config, device, sparsities, world_size, rank)
+        _prune_my_layers(layout, targets, pruner, hidden, calls, config, device, sparsities, world_size, rank,
+                         offload)
     except Exception as exc:  # shared with the other ranks below, then re-raised
         error = exc
     failed = failed_ranks(error is not None, world_size, rank)
@@ -160,7 +165,7 @@ def _comm_device() -> torch.device:
 
 def _prune_my_layers(layout: DecoderLayout, targets: list[list[Operator]], pruner: LayerPruner,
                      hidden: torch.Tensor, calls: list[LayerCall], config: PruningConfig, device: torch.device,
-                     sparsities: list[float], world_size: int, rank: int) -> None:
+                     sparsities: list[float], world_size: int, rank: int, offload: OffloadStats | None) -> None:
     """This rank's layers, pruned from their dense inputs over this process's devices."""
     owners = shard_layers(len(layout), world_size)
     devices = worker_devices(config, device, world_size)
@@ -180,24 +185,22 @@ def _prune_my_layers(layout: DecoderLayout, targets: list[list[Operator]], prune
             layer = layout.layers[index]
             inputs = hidden
             if index < last:  # dense outputs: the next layer's inputs (computed before any pruning)
-                original = move_layer(layer, main)
-                call = LayerCall(move_to(calls[index].args, main), move_to(calls[index].kwargs, main))
-                hidden = run_layer(layer, inputs, call, batch_size)
+                with layer_on_device(layout.model, layer, layout.layer_prefix(index), main, offload, write_back=False):
+                    call = LayerCall(move_to(calls[index].args, main), move_to(calls[index].kwargs, main))
+                    hidden = run_layer(layer, inputs, call, batch_size)
                 check_finite(hidden, index, layout.model.dtype)
-                if original != main:
-                    layer.to(original)
             if owners[index] != rank:
                 continue
             job = (pruner, layout, index, targets[index], inputs, calls[index], sparsities[index])
             if not executors:
-                prune_one_layer(*job, devices[0], batch_size)
+                prune_one_layer(*job, devices[0], batch_size, offload)
                 progress.update(1)
                 continue
             slot = mine.index(index) % len(devices)
             while len(queued[slot]) >= MAX_QUEUED_PER_DEVICE:
                 queued[slot].popleft().result()
                 progress.update(1)
-            queued[slot].append(executors[slot].submit(prune_one_layer, *job, devices[slot], batch_size))
+            queued[slot].append(executors[slot].submit(prune_one_layer, *job, devices[slot], batch_size, offload))
         for pending in queued:
             while pending:
                 pending.popleft().result()
@@ -209,19 +212,27 @@ def _prune_my_layers(layout: DecoderLayout, targets: list[list[Operator]], prune
 
 
 def broadcast_layers(layout: DecoderLayout, targets: list[list[Operator]], owners: list[int], rank: int) -> None:
-    """Send each layer's targeted weights from the rank that pruned them to every other rank."""
+    """Send each layer's targeted weights from the rank that pruned them to every other rank.
+
+    An offloaded layer is read from its store for the exchange; the receiving ranks write the
+    weights they got back to their own store.
+    """
     dist = torch.distributed
     comm = _comm_device()
     for index, owner in enumerate(owners):
-        weights = [op.module.weight.data for op in targets[index]]
-        if not weights:
-            continue
-        dtype = weights[0].dtype
-        flat = torch.cat([w.reshape(-1).to(device=comm, dtype=dtype) for w in weights])
-        dist.broadcast(flat, src=owner)
-        if rank != owner:
-            offset = 0
-            for weight in weights:
-                weight.copy_(flat[offset:offset + weight.numel()].view_as(weight))
-                offset += weight.numel()
+        layer = layout.layers[index]
+        held = (layer_on_device(layout.model, layer, layout.layer_prefix(index), comm, write_back=rank != owner)
+                if is_offloaded(layer) else contextlib.nullcontext())
+        with held:
+            weights = [op.module.weight.data for op in targets[index]]
+            if not weights:
+                continue
+            dtype = weights[0].dtype
+            flat = torch.cat([w.reshape(-1).to(device=comm, dtype=dtype) for w in weights])
+            dist.broadcast(flat, src=owner)
+            if rank != owner:
+                offset = 0
+                for weight in weights:
+                    weight.copy_(flat[offset:offset + weight.numel()].view_as(weight))
+                    offset += weight.numel()
     logger.info("rank %d: received the pruned weights of every layer", rank)

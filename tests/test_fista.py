@@ -325,16 +325,31 @@ def _parallel_ids() -> torch.Tensor:
 
 
 def _targeted_weights(model) -> dict[str, torch.Tensor]:
+    """Every operator's weight as (out, in), read from the offload store for offloaded layers."""
+    from hf_prune.offload import read_parameter
+
     layout = DecoderLayout(model)
-    return {op.name: op.read_weight().clone() for i in range(len(layout)) for op in layout.operators(i)}
+    weights = {}
+    for op in (op for i in range(len(layout)) for op in layout.operators(i)):
+        weight = read_parameter(op.module)
+        weights[op.name] = (weight.t() if op.transposed else weight).clone()
+    return weights
 
 
-def distributed_worker(out_dir: str) -> None:
-    """Body of one torchrun-like rank (run by ``test_distributed_ranks_equal_single_process``)."""
+def distributed_worker(out_dir: str, offloaded: bool = False) -> None:
+    """Body of one torchrun-like rank (run by ``test_distributed_ranks_equal_single_process``).
+
+    ``offloaded``: the model is loaded from ``out_dir/source`` with every layer offloaded to disk.
+    """
     from hf_prune.parallel import distributed_state, is_main_process
 
     torch.set_num_threads(1)
-    model = _three_layer_llama()
+    if offloaded:
+        rank_dir = Path(out_dir) / f"offload-rank{os.environ['RANK']}"
+        model = AutoPrunedModelForCausalLM.from_pretrained(Path(out_dir) / "source", device_map={"": "disk"},
+                                                           offload_folder=str(rank_dir))
+    else:
+        model = _three_layer_llama()
     model.prune(_parallel_config(), calibration_data=_parallel_ids())
     world_size, rank = distributed_state()
     torch.save(_targeted_weights(model), Path(out_dir) / f"rank{rank}.pt")
@@ -343,6 +358,10 @@ def distributed_worker(out_dir: str) -> None:
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(info))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def offloaded_distributed_worker(out_dir: str) -> None:
+    distributed_worker(out_dir, offloaded=True)
 
 
 def failing_distributed_worker(out_dir: str) -> None:
@@ -411,9 +430,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_distributed_ranks_equal_single_process(tmp_path):
-    """gloo, 2 processes with torchrun's environment: every rank ends with the single-process weights, exactly."""
-    procs = _launch_ranks("distributed_worker", tmp_path)
+@pytest.mark.parametrize("offloaded", [False, True], ids=["in-memory", "disk-offloaded"])
+def test_distributed_ranks_equal_single_process(tmp_path, offloaded):
+    """gloo, 2 processes with torchrun's environment: every rank ends with the single-process weights, exactly.
+
+    Disk-offloaded: each rank reads its layers from its own offload store, and the layers it
+    receives from the other rank are written back there.
+    """
+    if offloaded:
+        _three_layer_llama().save_pretrained(tmp_path / "source")
+    procs = _launch_ranks("offloaded_distributed_worker" if offloaded else "distributed_worker", tmp_path)
 
     # meanwhile, the single-process reference in this process, with the same thread count
     threads = torch.get_num_threads()

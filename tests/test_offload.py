@@ -8,7 +8,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from hf_prune import AutoPrunedModelForCausalLM, MagnitudeConfig, SparseGPTConfig, WandaConfig
+from hf_prune import (
+    AutoPrunedModelForCausalLM,
+    FISTAConfig,
+    LLMRankConfig,
+    MagnitudeConfig,
+    MutualInfoConfig,
+    SparseGPTConfig,
+    WandaConfig,
+)
 from hf_prune.architectures import DecoderLayout
 from hf_prune.engine import prune_model
 from hf_prune.offload import (
@@ -166,11 +174,77 @@ def test_failed_layer_writes_nothing_and_restores_hooks(source, tmp_path):
     assert not (tmp_path / "off" / PRUNED_SUBFOLDER).exists()
 
 
-def test_owl_on_offloaded_model_is_refused_clearly(source, ids, tmp_path):
+def _disk_offloaded(source, tmp_path, name="off"):
     model = AutoPrunedModelForCausalLM.from_pretrained(
-        source, dtype=torch.float32, device_map={"": "disk"}, offload_folder=str(tmp_path / "off"))
-    with pytest.raises(ValueError, match="offloaded"):
-        model.prune(WandaConfig(sparsity=0.5, owl=True), calibration_data=ids)
+        source, dtype=torch.float32, device_map={"": "disk"}, offload_folder=str(tmp_path / name))
+    assert materialized_bytes(model) == 0
+    return model
+
+
+@pytest.mark.parametrize(
+    "config",
+    [WandaConfig(sparsity=0.5, owl=True),
+     FISTAConfig(sparsity=0.5, device="cpu", max_iters=5, lambda_steps=3, refine_iters=5),
+     FISTAConfig(sparsity=0.5, pattern="2:4", device="cpu", max_iters=5, lambda_steps=3, refine_iters=5,
+                 devices=["cpu", "cpu"])],
+    ids=["owl", "fista-dense-inputs", "fista-two-worker-threads"],
+)
+def test_dense_pass_methods_on_disk_offload_equal_in_memory(source, ids, tmp_path, config):
+    """OWL's outlier scan and FISTA's dense inputs run a dense pass first: offloaded layers are read
+    for it without being written, then pruned one at a time like the sequential methods."""
+    before = _digest(source)
+    reference = AutoPrunedModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    reference.prune(config, calibration_data=ids)
+    model = _disk_offloaded(source, tmp_path)
+    run = prune_model(model, config, _calibration(ids))
+    assert materialized_bytes(model) == 0
+    workers = len(getattr(config, "devices", None) or ()) if len(getattr(config, "devices", None) or ()) > 1 else 0
+    # one layer at a time; with worker threads, one per worker beside the dense pass's
+    assert run.offload.peak_materialized_bytes <= (1 + workers) * _layer_bytes(model)
+    assert run.offload.layers_written == 6  # the dense pass wrote nothing
+    assert _digest(source) == before
+    if config.owl is not None:
+        assert run.layer_sparsity == pytest.approx(reference.config.pruning_config["layer_sparsity"])
+        assert len(set(run.layer_sparsity)) > 1
+    got = _weights(model)
+    for name, tensor in _weights(reference).items():
+        assert torch.equal(got[name], tensor), name
+
+
+@pytest.mark.parametrize(
+    "config", [LLMRankConfig(amount=0.3, heads=True), MutualInfoConfig(amount=0.25, compensate=True)],
+    ids=["llm-rank-heads", "mutual-info-compensated"],
+)
+def test_structured_on_disk_offload_shrinks_each_layer_in_its_store(source, ids, tmp_path, config, monkeypatch):
+    """Neurons and heads leave an offloaded layer: its store holds the smaller weights, the forward,
+    save and reload match pruning in memory, and no more than a layer was held at a time."""
+    import hf_prune.modeling
+
+    reference = AutoPrunedModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    reference.prune(config, calibration_data=ids)
+    model = _disk_offloaded(source, tmp_path)
+    runs = []
+    monkeypatch.setattr(hf_prune.modeling, "prune_model", lambda *args: runs.append(prune_model(*args)) or runs[-1])
+    model.prune(config, calibration_data=ids)  # records the kept neurons and heads for the reload
+    (run,) = runs
+    assert materialized_bytes(model) == 0
+    assert run.offload.peak_materialized_bytes <= _layer_bytes(_disk_offloaded(source, tmp_path, "full"))
+    down = model.model.layers[0].mlp.down_proj
+    kept = reference.model.layers[0].mlp.down_proj.in_features
+    assert kept < 512 and down.in_features == kept and down.weight.shape == (256, kept)  # meta, new shape
+    assert read_parameter(down).shape == (256, kept)
+    got = _weights(model)
+    for name, tensor in _weights(reference).items():
+        assert torch.equal(got[name], tensor), name
+    with torch.no_grad():
+        expected_logits = reference(ids[:2]).logits
+        torch.testing.assert_close(model(ids[:2]).logits, expected_logits, rtol=0, atol=1e-6)
+    out = tmp_path / "saved"
+    model.save_pretrained(out, model_card=False)
+    reloaded = AutoPrunedModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert reloaded.model.layers[0].mlp.down_proj.weight.shape == (256, kept)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids[:2]).logits, expected_logits, rtol=0, atol=1e-6)
 
 
 def test_activation_plan():
