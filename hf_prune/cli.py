@@ -25,7 +25,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _model_source(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """``(path_or_id, from_pretrained kwargs)`` from ``--model``/``--gguf-file``/``--dtype``."""
+    """``(path_or_id, from_pretrained kwargs)`` from the model, dtype and placement arguments."""
     kwargs: dict[str, Any] = {}
     model = args.model
     gguf_file = args.gguf_file
@@ -45,7 +45,28 @@ def _model_source(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         kwargs["trust_remote_code"] = True
     if args.revision:
         kwargs["revision"] = args.revision
+    kwargs.update(_placement(args))
     return model, kwargs
+
+
+def _placement(args: argparse.Namespace) -> dict[str, Any]:
+    """accelerate placement kwargs from ``--device-map``/``--max-memory``/``--offload-folder``."""
+    kwargs: dict[str, Any] = {}
+    if args.max_memory and not args.device_map:
+        raise SystemExit("--max-memory needs --device-map (e.g. --device-map auto)")
+    if args.device_map:
+        kwargs["device_map"] = args.device_map
+    if args.max_memory:
+        budget: dict[int | str, str] = {}
+        for item in args.max_memory:
+            device, sep, size = item.partition("=")
+            if not sep or not device or not size:
+                raise SystemExit(f"--max-memory expects DEVICE=SIZE such as 0=20GiB or cpu=64GiB, got {item!r}")
+            budget[int(device) if device.isdigit() else device] = size
+        kwargs["max_memory"] = budget
+    if args.offload_folder:
+        kwargs["offload_folder"] = args.offload_folder
+    return kwargs
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:
@@ -185,7 +206,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tokenizer_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "trust_remote_code", "revision")}
     tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
     model = AutoPrunedModelForCausalLM.from_pretrained(source, **kwargs)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and "device_map" not in kwargs:
         model.to("cuda")
     perplexity = _perplexity(model, tokenizer, args)
     sparsity = model.pruning_report().overall
@@ -200,6 +221,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", help="hub revision")
     parser.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES], help="weights dtype")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (unsafe)")
+    parser.add_argument("--device-map", help="accelerate placement, e.g. 'auto': layers beyond --max-memory are "
+                                             "offloaded to the CPU or --offload-folder and pruned one at a time")
+    parser.add_argument("--max-memory", nargs="+", metavar="DEVICE=SIZE",
+                        help="memory per device for --device-map, e.g. 0=20GiB cpu=64GiB")
+    parser.add_argument("--offload-folder", help="where weights that fit nowhere else go (disk offload)")
 
 
 def _add_eval_args(parser: argparse.ArgumentParser, required: bool) -> None:

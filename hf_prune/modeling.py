@@ -8,6 +8,7 @@ The mixin sits before the model's own transformers class, with the same class na
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +190,9 @@ class PrunedModelForCausalLM:
         shard_size = offloaded_shard_size(self)  # type: ignore[arg-type]
         if shard_size is not None and "max_shard_size" not in kwargs:  # offloaded: save a layer's worth at a time
             kwargs["max_shard_size"] = shard_size
-        with staged_directory(save_directory) as staging:
+        with staged_directory(save_directory) as staging, warnings.catch_warnings():
+            if shard_size is not None:  # transformers warns of its 50GB default shard, which does not apply here
+                warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
             super().save_pretrained(staging, *args, **kwargs)  # type: ignore[misc]
             if compressed:  # before the card, which reports the stored sizes and the loader to use
                 compress_checkpoint(staging)

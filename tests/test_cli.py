@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -67,3 +68,30 @@ def test_refuses_non_empty_output_without_overwrite(saved_model, capsys):
     source, text = saved_model
     with pytest.raises(SystemExit, match="not empty"):
         main(["prune", "--model", str(source), "--calibration", str(text), "--output", str(source)])
+
+
+def test_prune_offloaded_to_disk_under_a_memory_budget(saved_model, tmp_path):
+    """--device-map/--max-memory/--offload-folder: layers beyond the budget go to disk and are pruned there,
+    to the same weights as in memory."""
+    source, text = saved_model
+    common = ["prune", "--model", str(source), "--method", "wanda", "--calibration", str(text), "--num-samples", "4",
+              "--seq-len", "64", "--device", "cpu"]
+    assert main([*common, "--output", str(tmp_path / "in-memory")]) == 0
+    offload = tmp_path / "offload"
+    assert main([*common, "--device-map", "auto", "--max-memory", "cpu=120KB", "--offload-folder", str(offload),
+                 "--output", str(tmp_path / "offloaded")]) == 0
+    assert list((offload / "hf_prune_pruned").glob("model.layers.*.safetensors")), "no layer was offloaded"
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "in-memory").state_dict()
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "offloaded").state_dict()
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_max_memory_needs_a_device_map(saved_model, capsys):
+    source, text = saved_model
+    with pytest.raises(SystemExit, match="--max-memory needs --device-map"):
+        main(["prune", "--model", str(source), "--calibration", str(text), "--max-memory", "cpu=1GiB"])
+    with pytest.raises(SystemExit, match="DEVICE=SIZE"):
+        main(["prune", "--model", str(source), "--calibration", str(text), "--device-map", "auto",
+              "--max-memory", "1GiB"])
