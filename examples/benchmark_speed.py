@@ -12,7 +12,7 @@ round kept):
   (plus ``--matmul-shapes OUTxIN`` given by hand, e.g. Llama-7B's 11008x4096 4096x11008).
 
 CPU: the model is shrunk with L1-norm structured pruning (``--structured-amount`` of the MLP
-neurons and KV groups removed) and compared with the dense model: prefill tokens/s (batch 1 x
+neurons removed) and compared with the dense model: prefill tokens/s (batch 1 x
 512, cache on, last position's logits only, as ``generate`` prefills) and decode tokens/s
 (greedy, 128 new tokens), dense and shrunk timed alternately, fastest of ``--rounds`` kept.
 

@@ -29,7 +29,7 @@ from .config import PruningConfig
 from .host_memory import return_freed_memory_to_os
 from .layer_pass import StatisticsCollector, check_finite, run_layer
 from .methods.base import LayerContext, LayerPruner
-from .offload import OffloadStats, activation_bytes, free_device_bytes, is_offloaded, layer_on_device, plan_activations
+from .offload import OffloadStats, is_offloaded, layer_on_device, place_activations
 from .owl import owl_layer_sparsities
 from .statistics import InputStatistics
 
@@ -116,15 +116,8 @@ def _prune_with_data(layout: DecoderLayout, targets: list[list[Operator]], prune
     hidden = handed_over.pop()
     samples = hidden.shape[0]
     batch_size = min(config.batch_size or samples, samples)
-    storage, fitting_batch = plan_activations(
-        activation_bytes(*hidden.shape, hidden.dtype), samples, device, free_device_bytes(device)
-    )
-    if fitting_batch is not None and fitting_batch < batch_size:
-        logger.warning("calibration activations do not fit on %s: kept on the CPU, %d samples per forward",
-                       device, fitting_batch)
-        batch_size = fitting_batch
+    hidden, batch_size = place_activations(hidden, device, batch_size)
     one_pass = pruner.prunes_operators and batch_size >= samples
-    hidden = hidden.to(storage)
     for index in logging.tqdm(range(len(layout)), desc="Pruning layers", unit="layer"):
         with layer_on_device(layout.model, layout.layers[index], layout.layer_prefix(index), device, offload):
             hidden = _prune_layer(layout, targets, pruner, hidden, calls, device, sparsities, index, batch_size,

@@ -5,8 +5,9 @@ A model loaded with ``device_map=...`` / ``offload_folder=...`` carries accelera
 are read from the hook's ``weights_map`` (a CPU state dict, or safetensors / ``.dat`` files on
 disk) for each forward. :func:`layer_on_device` materializes one decoder layer on the device
 with its hooks told not to reload or drop the weights, lets the engine prune it, then writes
-the layer's weights back to where the hooks read them from and puts them back on ``meta``:
-only one offloaded layer is ever held in memory.
+the layer's weights back to where the hooks read them from and puts them back on ``meta``.
+Dense passes (OWL's outlier scan, FISTA's dense inputs) onload a layer without writing it
+back. One offloaded layer is held at a time, plus one per FISTA worker thread.
 
 Disk-offloaded weights loaded by transformers point into the source checkpoint itself; that
 file is never written. The pruned layer goes to a new safetensors file in the offload folder
@@ -17,6 +18,7 @@ see the pruned weights.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -34,13 +36,14 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 PRUNED_SUBFOLDER = "hf_prune_pruned"
-_FOLDER_LOCK = threading.Lock()  # worker threads (one per device) may write layers at the same time
+_LOCK = threading.Lock()  # worker threads (one per device) may onload and write layers at the same time
 
 
 @dataclass
 class OffloadStats:
-    """What offloaded pruning held in memory: bytes onloaded per layer and the peak of all
-    materialized (non-``meta``) parameter bytes of the model while a layer was onloaded."""
+    """What offloaded pruning held in memory: the bytes of each onload (a layer may be onloaded
+    twice: for a dense pass and to be pruned), the peak of all materialized (non-``meta``)
+    parameter bytes of the model while a layer was onloaded, and how many layers were written."""
 
     layer_bytes: list[int] = field(default_factory=list)
     peak_materialized_bytes: int = 0
@@ -119,7 +122,7 @@ class _Store:
         self.model = model
 
     def folder_for(self, loader) -> str:
-        with _FOLDER_LOCK:
+        with _LOCK:
             return self._folder_for(loader)
 
     def _folder_for(self, loader) -> str:
@@ -150,9 +153,17 @@ class _Store:
         for loader, tensors in to_disk.values():
             folder = self.folder_for(loader)
             path = os.path.join(folder, f"{layer_name}.safetensors")
-            staging = path + ".tmp"
-            save_file(tensors, staging)
-            os.replace(staging, path)
+            # torchrun ranks sharing an offload folder may write the same layer at once: each
+            # stages its own file, and the atomic replace leaves one complete copy
+            handle, staging = tempfile.mkstemp(dir=folder, prefix=f".{layer_name}.", suffix=".tmp")
+            os.close(handle)
+            try:
+                save_file(tensors, staging)
+                os.replace(staging, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(staging)
+                raise
             for key, cpu in tensors.items():
                 loader.index[key] = {"safetensors_file": path, "weight_name": key,
                                      "dtype": str(cpu.dtype).removeprefix("torch.")}
@@ -167,8 +178,8 @@ def layer_on_device(model: nn.Module, layer: nn.Module, layer_name: str, device:
     has their weights read from the offload store onto ``device``, its hooks are told to run
     on ``device`` without reloading or dropping weights, and on a normal exit its weights are
     written back to the store (CPU dict, or a new safetensors file for disk) and put back on
-    ``meta``. On an exception, or with ``write_back=False`` (a dense pass that changes no
-    weight), nothing is written back.
+    ``meta``. On an exception, or with ``write_back=False`` (a dense pass), nothing is written
+    back: the onloaded weights are copies, so the store is unchanged whatever the body did.
     """
     hooked = [(module, hook) for module in layer.modules() for hook in _align_hooks(module)]
     offloaded = [(name, module, hook) for name, module in layer.named_modules()
@@ -191,7 +202,10 @@ def layer_on_device(model: nn.Module, layer: nn.Module, layer_name: str, device:
     onloaded = 0
     for _, module, hook in offloaded:
         for tensor_name in _own_tensors(module, hook):
-            value = hook.weights_map[tensor_name]
+            stored = hook.weights_map[tensor_name]
+            value = stored.to(device)
+            if value.data_ptr() == stored.data_ptr():  # already there (a CPU-dict store): never alias the store
+                value = value.clone()
             set_module_tensor_to_device(module, tensor_name, device, value=value, clear_cache=False)
             onloaded += value.numel() * value.element_size()
     moved = {}
@@ -205,8 +219,9 @@ def layer_on_device(model: nn.Module, layer: nn.Module, layer_name: str, device:
         hook.execution_device = device
         hook.offload = False
     if stats is not None:
-        stats.layer_bytes.append(onloaded)
-        stats.peak_materialized_bytes = max(stats.peak_materialized_bytes, materialized_bytes(model))
+        with _LOCK:
+            stats.layer_bytes.append(onloaded)
+            stats.peak_materialized_bytes = max(stats.peak_materialized_bytes, materialized_bytes(model))
     completed = False
     try:
         yield
@@ -223,7 +238,8 @@ def layer_on_device(model: nn.Module, layer: nn.Module, layer_name: str, device:
                     entries.append((loader, prefix + tensor_name, getattr(module, tensor_name)))
             _Store(model).write(layer_name, entries)
             if stats is not None:
-                stats.layers_written += 1
+                with _LOCK:
+                    stats.layers_written += 1
         for _, module, hook in offloaded:
             for tensor_name in _own_tensors(module, hook):
                 set_module_tensor_to_device(module, tensor_name, "meta", clear_cache=False)
@@ -259,6 +275,19 @@ def plan_activations(nbytes: int, samples: int, device: torch.device, free_bytes
     per_sample = max(1, nbytes // max(samples, 1))
     batch = max(1, int(fraction * free_bytes) // (4 * per_sample))
     return torch.device("cpu"), min(batch, samples)
+
+
+def place_activations(hidden: torch.Tensor, device: torch.device, batch_size: int) -> tuple[torch.Tensor, int]:
+    """``hidden`` where :func:`plan_activations` puts it, and the batch size that fits the device."""
+    samples = hidden.shape[0]
+    storage, fitting_batch = plan_activations(
+        activation_bytes(*hidden.shape, hidden.dtype), samples, device, free_device_bytes(device)
+    )
+    if fitting_batch is not None and fitting_batch < batch_size:
+        logger.warning("calibration activations do not fit on %s: kept on the CPU, %d samples per forward",
+                       device, fitting_batch)
+        batch_size = fitting_batch
+    return hidden.to(storage), batch_size
 
 
 def free_device_bytes(device: torch.device) -> int | None:

@@ -15,7 +15,7 @@ from .architectures import DecoderLayout, Operator
 from .capture import LayerCall, move_to
 from .config import PruningConfig
 from .layer_pass import StatisticsCollector, check_finite, run_layer
-from .offload import OffloadStats, layer_on_device
+from .offload import OffloadStats, layer_on_device, place_activations
 from .statistics import StatKind
 
 logger = logging.get_logger(__name__)
@@ -51,7 +51,7 @@ def owl_layer_sparsities(layout: DecoderLayout, targets: list[list[Operator]], h
     settings = config.owl
     samples = hidden.shape[0]
     batch_size = min(config.batch_size or samples, samples)
-    hidden = hidden.to(device)
+    hidden, batch_size = place_activations(hidden, device, batch_size)
     ratios = []
     for index in logging.tqdm(range(len(layout)), desc="OWL outlier scan", unit="layer"):
         layer = layout.layers[index]

@@ -220,13 +220,13 @@ def broadcast_layers(layout: DecoderLayout, targets: list[list[Operator]], owner
     dist = torch.distributed
     comm = _comm_device()
     for index, owner in enumerate(owners):
+        if not targets[index]:
+            continue
         layer = layout.layers[index]
         held = (layer_on_device(layout.model, layer, layout.layer_prefix(index), comm, write_back=rank != owner)
                 if is_offloaded(layer) else contextlib.nullcontext())
         with held:
             weights = [op.module.weight.data for op in targets[index]]
-            if not weights:
-                continue
             dtype = weights[0].dtype
             flat = torch.cat([w.reshape(-1).to(device=comm, dtype=dtype) for w in weights])
             dist.broadcast(flat, src=owner)

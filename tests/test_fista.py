@@ -339,22 +339,24 @@ def _targeted_weights(model) -> dict[str, torch.Tensor]:
 def distributed_worker(out_dir: str, offloaded: bool = False) -> None:
     """Body of one torchrun-like rank (run by ``test_distributed_ranks_equal_single_process``).
 
-    ``offloaded``: the model is loaded from ``out_dir/source`` with every layer offloaded to disk.
+    ``offloaded``: the model is loaded from ``out_dir/source`` with every layer offloaded to
+    disk, in one offload folder that all ranks share (as when every rank runs the same script).
     """
+    from hf_prune.offload import materialized_bytes
     from hf_prune.parallel import distributed_state, is_main_process
 
     torch.set_num_threads(1)
     if offloaded:
-        rank_dir = Path(out_dir) / f"offload-rank{os.environ['RANK']}"
         model = AutoPrunedModelForCausalLM.from_pretrained(Path(out_dir) / "source", device_map={"": "disk"},
-                                                           offload_folder=str(rank_dir))
+                                                           offload_folder=str(Path(out_dir) / "offload"))
     else:
         model = _three_layer_llama()
     model.prune(_parallel_config(), calibration_data=_parallel_ids())
     world_size, rank = distributed_state()
     torch.save(_targeted_weights(model), Path(out_dir) / f"rank{rank}.pt")
     model.save_pretrained(Path(out_dir) / f"saved-by-rank{rank}")
-    info = {"world_size": world_size, "rank": rank, "main": is_main_process()}
+    info = {"world_size": world_size, "rank": rank, "main": is_main_process(),
+            "layers_in_memory": offloaded and materialized_bytes(model.model.layers) > 0}
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(info))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -432,14 +434,16 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("offloaded", [False, True], ids=["in-memory", "disk-offloaded"])
 def test_distributed_ranks_equal_single_process(tmp_path, offloaded):
-    """gloo, 2 processes with torchrun's environment: every rank ends with the single-process weights, exactly.
+    """gloo, torchrun's environment: every rank ends with the single-process weights, exactly.
 
-    Disk-offloaded: each rank reads its layers from its own offload store, and the layers it
-    receives from the other rank are written back there.
+    In memory: 2 ranks. Disk-offloaded: 3 ranks sharing one offload folder; each reads its
+    layer from the store, and the two it receives are written back, by two ranks at once.
     """
+    world_size = 3 if offloaded else 2
     if offloaded:
         _three_layer_llama().save_pretrained(tmp_path / "source")
-    procs = _launch_ranks("offloaded_distributed_worker" if offloaded else "distributed_worker", tmp_path)
+    procs = _launch_ranks("offloaded_distributed_worker" if offloaded else "distributed_worker", tmp_path,
+                          world_size)
 
     # meanwhile, the single-process reference in this process, with the same thread count
     threads = torch.get_num_threads()
@@ -453,17 +457,19 @@ def test_distributed_ranks_equal_single_process(tmp_path, offloaded):
     assert len(expected) == 3 * 7
 
     _wait_ranks(procs)
-    for rank in range(2):
+    for rank in range(world_size):
         info = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert info == {"world_size": 2, "rank": rank, "main": rank == 0}
+        assert info == {"world_size": world_size, "rank": rank, "main": rank == 0, "layers_in_memory": False}
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got.keys() == expected.keys()
         for name, weight in expected.items():
             assert torch.equal(got[name], weight), f"rank {rank}, {name} differs from the single-process result"
         _assert_exact(got["model.layers.2.mlp.down_proj"], "unstructured", 0.5)
-    # rank 0 saves, rank 1 writes nothing
-    assert not (tmp_path / "saved-by-rank1").exists()
+    # rank 0 saves, the others write nothing
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("saved-by-rank") and p.name != "saved-by-rank0"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging folder left behind"
+    if offloaded:
+        assert not list((tmp_path / "offload").rglob("*.tmp")), "staging file left behind"
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved-by-rank0").eval()
     probe = _parallel_ids()
     with torch.no_grad():

@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_prune import (
@@ -198,7 +199,8 @@ def test_dense_pass_methods_on_disk_offload_equal_in_memory(source, ids, tmp_pat
     model = _disk_offloaded(source, tmp_path)
     run = prune_model(model, config, _calibration(ids))
     assert materialized_bytes(model) == 0
-    workers = len(getattr(config, "devices", None) or ()) if len(getattr(config, "devices", None) or ()) > 1 else 0
+    devices = len(getattr(config, "devices", None) or ())
+    workers = devices if devices > 1 else 0
     # one layer at a time; with worker threads, one per worker beside the dense pass's
     assert run.offload.peak_materialized_bytes <= (1 + workers) * _layer_bytes(model)
     assert run.offload.layers_written == 6  # the dense pass wrote nothing
@@ -276,3 +278,48 @@ def test_other_paths_on_disk_offload_equal_in_memory(source, ids, tmp_path, conf
     got = _weights(model)
     for name, tensor in _weights(reference).items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_writers_of_the_same_layer_never_share_a_staging_file(tmp_path, monkeypatch):
+    """torchrun ranks sharing an offload folder write a received layer at the same time: a second
+    writer finishing while the first is between staging and renaming must not take its file."""
+    from types import SimpleNamespace
+
+    import hf_prune.offload as offload
+
+    loader = SimpleNamespace(save_folder=str(tmp_path), index={})
+    real_save = offload.save_file
+    calls = []
+
+    def save_then_let_another_writer_finish(tensors, path):
+        real_save(tensors, path)
+        calls.append(path)
+        if len(calls) == 1:  # the other rank writes the same layer now
+            offload._Store(nn.Module()).write("model.layers.0", [(loader, "w", torch.ones(2))])
+
+    monkeypatch.setattr(offload, "save_file", save_then_let_another_writer_finish)
+    offload._Store(nn.Module()).write("model.layers.0", [(loader, "w", torch.zeros(2))])
+    assert len(set(calls)) == 2
+    written = tmp_path / PRUNED_SUBFOLDER / "model.layers.0.safetensors"
+    assert loader.index["w"]["safetensors_file"] == str(written)
+    assert [p.name for p in written.parent.iterdir()] == [written.name]  # no staging file left
+
+
+@pytest.mark.parametrize("store", ["disk", "cpu-dict"])
+def test_read_only_onload_leaves_the_store_unchanged(source, tmp_path, store):
+    """``write_back=False`` (the dense passes): whatever the body does to the onloaded weights, the
+    store keeps its values, also for a CPU-dict store onloaded to the CPU (no shared memory)."""
+    from accelerate import cpu_offload
+
+    if store == "disk":
+        model = _disk_offloaded(source, tmp_path)
+    else:
+        model = AutoPrunedModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        cpu_offload(model, execution_device=torch.device("cpu"))
+    layer = model.model.layers[1]
+    before = read_parameter(layer.mlp.up_proj).clone()
+    with layer_on_device(model, layer, "model.layers.1", torch.device("cpu"), write_back=False):
+        layer.mlp.up_proj.weight.data.zero_()
+    assert layer.mlp.up_proj.weight.device.type == "meta"
+    assert torch.equal(read_parameter(layer.mlp.up_proj), before)
+    assert not (tmp_path / "off" / PRUNED_SUBFOLDER).exists()
