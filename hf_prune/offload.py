@@ -115,6 +115,14 @@ def read_parameter(module: nn.Module, name: str = "weight") -> torch.Tensor:
     return hook.weights_map[name]
 
 
+def _memory_store(loader, key: str) -> dict | None:
+    """The dict that holds ``key`` in memory (a CPU-dict store), or ``None`` when it is read from disk."""
+    if isinstance(loader, dict):
+        return loader
+    state = getattr(loader, "state_dict", None)
+    return state if state is not None and key in state else None
+
+
 class _Store:
     """Writes a layer's weights back into the ``OffloadedWeightsLoader`` its hooks read from."""
 
@@ -122,20 +130,17 @@ class _Store:
         self.model = model
 
     def folder_for(self, loader) -> str:
-        with _LOCK:
-            return self._folder_for(loader)
-
-    def _folder_for(self, loader) -> str:
         base = getattr(loader, "save_folder", None)
-        if base is None:
-            base = getattr(self.model, "_hf_prune_offload_tmp", None)
+        with _LOCK:  # worker threads must not each create a temporary folder
             if base is None:
-                base = tempfile.mkdtemp(prefix="hf_prune_offload_")
-                self.model._hf_prune_offload_tmp = base
-                weakref.finalize(self.model, shutil.rmtree, base, True)
-                logger.info("no offload_folder was given; pruned offloaded layers go to %s", base)
-        folder = os.path.join(os.fspath(base), PRUNED_SUBFOLDER)
-        os.makedirs(folder, exist_ok=True)
+                base = getattr(self.model, "_hf_prune_offload_tmp", None)
+                if base is None:
+                    base = tempfile.mkdtemp(prefix="hf_prune_offload_")
+                    self.model._hf_prune_offload_tmp = base
+                    weakref.finalize(self.model, shutil.rmtree, base, True)
+                    logger.info("no offload_folder was given; pruned offloaded layers go to %s", base)
+            folder = os.path.join(os.fspath(base), PRUNED_SUBFOLDER)
+            os.makedirs(folder, exist_ok=True)
         return folder
 
     def write(self, layer_name: str, entries: list[tuple[object, str, torch.Tensor]]) -> None:
@@ -143,11 +148,9 @@ class _Store:
         to_disk: dict[int, tuple[object, dict[str, torch.Tensor]]] = {}
         for loader, key, tensor in entries:
             cpu = tensor.detach().to("cpu").contiguous()
-            state = getattr(loader, "state_dict", None)
-            if isinstance(loader, dict):
-                loader[key] = cpu
-            elif state is not None and key in state:
-                state[key] = cpu
+            in_memory = _memory_store(loader, key)
+            if in_memory is not None:
+                in_memory[key] = cpu
             else:
                 to_disk.setdefault(id(loader), (loader, {}))[1][key] = cpu
         for loader, tensors in to_disk.values():
@@ -201,10 +204,12 @@ def layer_on_device(model: nn.Module, layer: nn.Module, layer_name: str, device:
     saved = [(hook, hook.execution_device, hook.offload) for _, hook in hooked]
     onloaded = 0
     for _, module, hook in offloaded:
+        loader, prefix = _unprefix(hook.weights_map)
         for tensor_name in _own_tensors(module, hook):
             stored = hook.weights_map[tensor_name]
             value = stored.to(device)
-            if value.data_ptr() == stored.data_ptr():  # already there (a CPU-dict store): never alias the store
+            # a disk read is already a fresh tensor; an in-memory store's entry must not be aliased
+            if value is stored and _memory_store(loader, prefix + tensor_name) is not None:
                 value = value.clone()
             set_module_tensor_to_device(module, tensor_name, device, value=value, clear_cache=False)
             onloaded += value.numel() * value.element_size()
