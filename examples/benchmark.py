@@ -180,7 +180,7 @@ def prepare(args: argparse.Namespace, folder: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_prune.calibration import BUNDLED_C4, tokenize_windows
+    from hf_prune.data.calibration import BUNDLED_C4, tokenize_windows
     from hf_prune.modeling import detach_gguf_quantizer
 
     directory, name = os.path.split(args.gguf)
@@ -243,7 +243,7 @@ def main() -> None:
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.gguf is None:
-        from hf_prune.offline import smollm2_location
+        from hf_prune.data.bundled import smollm2_location
 
         directory, name = smollm2_location()
         args.gguf = os.path.join(directory, name)

@@ -56,8 +56,8 @@ def same_tensors(saved: torch.nn.Module, loaded: torch.nn.Module) -> bool:
 def main() -> None:
     args = parse_args()
     from hf_prune import AutoPrunedModelForCausalLM
-    from hf_prune.compressed import checkpoint_bytes
-    from hf_prune.offline import smollm2_location
+    from hf_prune.checkpoint.compressed import checkpoint_bytes
+    from hf_prune.data.bundled import smollm2_location
 
     directory, gguf_file = smollm2_location()
     dtype = DTYPES[args.dtype]

@@ -46,12 +46,12 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from hf_prune import AutoPrunedModelForCausalLM, FISTAConfig, SparseGPTConfig, evaluate_perplexity
-    from hf_prune.calibration import BUNDLED_C4, tokenize_windows
+    from hf_prune.data.calibration import BUNDLED_C4, tokenize_windows
 
     if args.gguf:
         directory, name = str(Path(args.gguf).parent), Path(args.gguf).name
     else:
-        from hf_prune.offline import smollm2_location
+        from hf_prune.data.bundled import smollm2_location
 
         directory, name = smollm2_location()
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)

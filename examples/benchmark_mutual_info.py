@@ -71,9 +71,14 @@ def parse_args() -> argparse.Namespace:
 def time_scoring(args: argparse.Namespace) -> dict:
     """Seconds to score one layer of random activations, by stage (median over repeats)."""
     from hf_prune import MutualInfoConfig
-    from hf_prune.methods.mi_estimators import activation_moments, constant_neurons
-    from hf_prune.methods.mutual_info import estimate_mutual_information, greedy_removal, output_energy, redundancy
-    from hf_prune.structured.pruner import kept_count
+    from hf_prune.methods.mutual_info.estimators import activation_moments, constant_neurons
+    from hf_prune.methods.mutual_info.method import (
+        estimate_mutual_information,
+        greedy_removal,
+        output_energy,
+        redundancy,
+    )
+    from hf_prune.methods.structured.base import kept_count
 
     generator = torch.Generator().manual_seed(0)
     activations = torch.randn(args.timing_tokens, args.timing_width, generator=generator)
@@ -107,7 +112,7 @@ def load(args: argparse.Namespace):
     from hf_prune import AutoPrunedModelForCausalLM
 
     if args.model == "smollm2":
-        from hf_prune.offline import smollm2_location
+        from hf_prune.data.bundled import smollm2_location
 
         directory, gguf_file = smollm2_location()
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
@@ -129,9 +134,9 @@ def make_config(method: str, extra: dict, amount: float, args: argparse.Namespac
 
 
 def compare(args: argparse.Namespace) -> dict:
-    import hf_prune.methods.mutual_info as mutual_info
+    import hf_prune.methods.mutual_info.method as mutual_info
     from hf_prune import evaluate_perplexity
-    from hf_prune.structured import structure_report
+    from hf_prune.surgery import structure_report
 
     layer_seconds: list[float] = []
     original = mutual_info.select_redundant

@@ -87,8 +87,8 @@ def prune_once(args: argparse.Namespace) -> None:
     import torch
 
     from hf_prune import AutoPrunedModelForCausalLM
-    from hf_prune.calibration import build_calibration
-    from hf_prune.engine import prune_model
+    from hf_prune.data.calibration import build_calibration
+    from hf_prune.engine.loop import prune_model
 
     gpu = torch.cuda.is_available()
     ids = torch.randint(0, args.vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(1))

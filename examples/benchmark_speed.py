@@ -91,7 +91,7 @@ def load_model(args: argparse.Namespace):
         model = AutoPrunedModelForCausalLM.from_config(LlamaConfig(**RANDOM_CONFIGS[args.random]), dtype=args.dtype)
         name = f"random {args.random}"
     elif args.model == "smollm2":
-        from hf_prune.offline import smollm2_location
+        from hf_prune.data.bundled import smollm2_location
 
         directory, gguf_file = smollm2_location()
         model = AutoPrunedModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=args.dtype)
@@ -158,9 +158,9 @@ def matmul_pairs(model, args: argparse.Namespace) -> tuple[dict[str, tuple], dic
 
     Returns the pairs, each pair's (shape, max |difference|), and the names of the model's MLP pairs.
     """
-    from hf_prune.architectures import DecoderLayout
-    from hf_prune.patterns import mask_from_scores, parse_pattern
-    from hf_prune.sparse_kernels import kernel_backend
+    from hf_prune.inference.sparse_kernels import kernel_backend
+    from hf_prune.methods.patterns import mask_from_scores, parse_pattern
+    from hf_prune.walker.layout import DecoderLayout
 
     _, cls = kernel_backend()
     layout = DecoderLayout(model)

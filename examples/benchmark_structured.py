@@ -111,9 +111,9 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from hf_prune import AutoPrunedModelForCausalLM, evaluate_perplexity
-    from hf_prune.offline import smollm2_location
+    from hf_prune.data.bundled import smollm2_location
     from hf_prune.report import count_parameters
-    from hf_prune.structured import structure_report
+    from hf_prune.surgery import structure_report
 
     torch.manual_seed(0)
     directory, gguf_file = smollm2_location()

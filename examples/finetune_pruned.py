@@ -29,9 +29,9 @@ import torch
 from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
 from hf_prune import AutoPrunedModelForCausalLM, WandaConfig, evaluate_perplexity
-from hf_prune.lora import apply_lora, merge_lora_keep_sparsity
-from hf_prune.masks import check_pruned_weights
-from hf_prune.training import prepare_for_training
+from hf_prune.training.callback import prepare_for_training
+from hf_prune.training.lora import apply_lora, merge_lora_keep_sparsity
+from hf_prune.training.masks import check_pruned_weights
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -54,7 +54,7 @@ def load_model(args: argparse.Namespace):
     if args.model:
         return (AutoPrunedModelForCausalLM.from_pretrained(args.model, dtype=torch.float32),
                 AutoTokenizer.from_pretrained(args.model))
-    from hf_prune.offline import smollm2_location
+    from hf_prune.data.bundled import smollm2_location
 
     directory, gguf_file = smollm2_location()
     model = AutoPrunedModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)

@@ -1,31 +1,42 @@
-"""hf_prune: post-training pruning of causal language models, on the transformers API."""
+"""hf_prune: post-training pruning of causal language models, on the transformers API.
+
+The package is laid out by the path data takes (see the README's "How the code is laid out"):
+``walker`` finds decoder layers and prunable weights, ``engine`` runs calibration data
+through one layer at a time, ``methods`` decide what to remove (one module per method,
+listed in ``methods.registry``), ``surgery`` removes neurons and heads, ``checkpoint``
+saves and verifies, ``card`` writes the model card and publishes, ``training`` keeps the
+zeros while fine-tuning, ``data`` loads calibration and evaluation text.
+"""
 
 __version__ = "0.1.0"
 
-from .architectures import UnsupportedArchitectureError, supported_model_types
-from .calibration import CalibrationError
-from .compressed import CompressedCheckpointError
 from .config import OWLSettings, PruningConfig, registered_methods
-from .evaluation import evaluate_perplexity
-from .layer_pass import NonFiniteActivationError
-from .lora import MergeReport, apply_lora, merge_lora_keep_sparsity
-from .masks import SparsityMasks
-from .methods import (
-    ActivationNormStructuredConfig,
-    BarberConfig,
-    FISTAConfig,
-    L1NormStructuredConfig,
-    LLMRankConfig,
-    MagnitudeConfig,
-    MutualInfoConfig,
-    SparseGPTConfig,
-    WandaConfig,
+from .data.evaluation import evaluate_perplexity
+from .errors import (
+    CalibrationError,
+    CompressedCheckpointError,
+    HfPruneError,
+    NonFiniteActivationError,
+    PruningRecordMismatchError,
+    SparseKernelError,
+    StructureMismatchError,
+    UnsupportedArchitectureError,
 )
+from .inference.sparse_kernels import SparseKernelReport, sparse_kernel_plan, to_sparse_kernels
+from .methods.barber.method import BarberConfig
+from .methods.fista.method import FISTAConfig
+from .methods.llm_rank import LLMRankConfig
+from .methods.magnitude import MagnitudeConfig
+from .methods.mutual_info.method import MutualInfoConfig
+from .methods.sparsegpt import SparseGPTConfig
+from .methods.structured.baselines import ActivationNormStructuredConfig, L1NormStructuredConfig
+from .methods.wanda import WandaConfig
 from .modeling import AutoPrunedModelForCausalLM, PrunedModelForCausalLM
-from .record import PruningRecordMismatchError, StructureMismatchError
 from .report import PruningReport, measure_sparsity
-from .sparse_kernels import SparseKernelError, SparseKernelReport, sparse_kernel_plan, to_sparse_kernels
-from .training import SparsityCallback, prepare_for_training
+from .training.callback import SparsityCallback, prepare_for_training
+from .training.lora import MergeReport, apply_lora, merge_lora_keep_sparsity
+from .training.masks import SparsityMasks
+from .walker.layout import supported_model_types
 
 __all__ = [
     "ActivationNormStructuredConfig",
@@ -34,6 +45,7 @@ __all__ = [
     "CalibrationError",
     "CompressedCheckpointError",
     "FISTAConfig",
+    "HfPruneError",
     "L1NormStructuredConfig",
     "LLMRankConfig",
     "MagnitudeConfig",

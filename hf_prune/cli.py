@@ -30,7 +30,7 @@ def _model_source(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     model = args.model
     gguf_file = args.gguf_file
     if model is None:
-        from .offline import smollm2_location
+        from .data.bundled import smollm2_location
 
         model, gguf_file = smollm2_location()
     elif gguf_file is None and model.endswith(".gguf") and os.path.isfile(model):
@@ -109,7 +109,7 @@ def build_config(args: argparse.Namespace) -> PruningConfig:
 
 
 def _perplexity(model: Any, tokenizer: Any, args: argparse.Namespace) -> float:
-    from .evaluation import evaluate_perplexity
+    from .data.evaluation import evaluate_perplexity
 
     return evaluate_perplexity(model, tokenizer, args.eval_text, args.eval_seq_len, args.eval_windows)
 
@@ -140,7 +140,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.eval_text:
         results["perplexity_after"] = _perplexity(model, tokenizer, args)
         print(f"perplexity after:  {results['perplexity_after']:.3f}")
-        from .provenance import record_evaluation
+        from .checkpoint.provenance import record_evaluation
 
         record_evaluation(model, results["perplexity_before"], results["perplexity_after"], args.eval_text,
                           args.eval_seq_len, args.eval_windows)
@@ -154,7 +154,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _card_info(args: argparse.Namespace, repo_id: str | None = None) -> Any:
-    from .card import CardInfo
+    from .card.render import CardInfo
 
     notes = args.notes
     if args.notes_file:
@@ -164,7 +164,7 @@ def _card_info(args: argparse.Namespace, repo_id: str | None = None) -> Any:
 
 
 def cmd_card(args: argparse.Namespace) -> int:
-    from .card import write_card
+    from .card.render import write_card
 
     path = write_card(args.directory, _card_info(args))
     print(f"wrote {path}")
@@ -174,7 +174,7 @@ def cmd_card(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .hub import push_saved_checkpoint
+    from .card.hub import push_saved_checkpoint
 
     try:
         commit = push_saved_checkpoint(

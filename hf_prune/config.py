@@ -11,20 +11,17 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-from .patterns import Pattern, parse_pattern
-
-if TYPE_CHECKING:
-    from .methods.base import LayerPruner
+from .methods.patterns import Pattern, parse_pattern
+from .methods.registry import config_class, pruner_class
+from .methods.registry import registered_methods as registered_methods
 
 # Keys that a saved pruning record carries beside the configuration itself.
 RECORD_KEYS = frozenset(
     {"method", "hf_prune_version", "calibration_used", "measured_sparsity", "layer_sparsity",
      "structure", "previous", "source", "evaluation", "compressed"}
 )
-
-_REGISTRY: dict[str, type[PruningConfig]] = {}
 
 
 @dataclass
@@ -84,11 +81,6 @@ class PruningConfig:
     device: str = "auto"
     owl: OWLSettings | None = None
     batch_size: int | None = None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("method"):
-            _REGISTRY[cls.method] = cls
 
     def __post_init__(self) -> None:
         pattern = parse_pattern(self.pattern)
@@ -169,12 +161,7 @@ class PruningConfig:
         if not isinstance(data, dict):
             raise ValueError(f"a pruning config must be a dict, got {type(data).__name__}")
         method = data.get("method", cls.method or None)
-        if method not in _REGISTRY:
-            raise ValueError(
-                f"unknown pruning method {method!r}; known methods: {', '.join(sorted(_REGISTRY))}. "
-                "Check the 'method' key (in config.json: pruning_config.method)"
-            )
-        target_cls = _REGISTRY[method]
+        target_cls = config_class(method)
         names = {f.name for f in dataclasses.fields(target_cls)}
         unknown = set(data) - names - RECORD_KEYS
         if unknown:
@@ -190,17 +177,15 @@ class PruningConfig:
         """Turn nested JSON values back into their dataclasses; subclasses extend this."""
         return cls(**kwargs)
 
-    def make_pruner(self) -> LayerPruner:
-        """The algorithm object the engine drives for this configuration."""
-        raise TypeError(
-            f"{type(self).__name__} is not a pruning method; use a method config such as WandaConfig"
-        )
+    def make_pruner(self) -> Any:
+        """The ``LayerPruner`` the engine drives for this configuration (from the method registry)."""
+        if not self.method:
+            raise TypeError(
+                f"{type(self).__name__} is not a pruning method; use a method config such as WandaConfig"
+            )
+        return pruner_class(self.method)(self)
 
     @classmethod
     def from_json_string(cls, text: str) -> PruningConfig:
         return cls.from_dict(json.loads(text))
 
-
-def registered_methods() -> dict[str, type[PruningConfig]]:
-    """Method name -> config class, for every method imported so far."""
-    return dict(_REGISTRY)

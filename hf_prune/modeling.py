@@ -15,15 +15,16 @@ from typing import Any
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging
 
-from .calibration import CalibrationInput, build_calibration
-from .compressed import compress_checkpoint, compressed_layout, load_compressed
+from .checkpoint.compressed import compress_checkpoint, compressed_layout, load_compressed
+from .checkpoint.provenance import describe_source
+from .checkpoint.record import make_record, verify_record
+from .checkpoint.saving import check_not_source, staged_directory
 from .config import PruningConfig
-from .engine import prune_model
-from .provenance import describe_source
-from .record import StructureMismatchError, make_record, verify_record
+from .data.calibration import CalibrationInput, build_calibration
+from .engine.loop import prune_model
+from .errors import StructureMismatchError
 from .report import PruningReport, measure_sparsity
-from .saving import check_not_source, staged_directory
-from .structured import LOADER_ADVICE, model_shape, rebuild_recorded_structure, structure_record
+from .surgery import LOADER_ADVICE, model_shape, rebuild_recorded_structure, structure_record
 
 logger = logging.get_logger(__name__)
 
@@ -174,7 +175,7 @@ class PrunedModelForCausalLM:
         (``hf_prune.compressed``); such checkpoints load only with ``AutoPrunedModelForCausalLM``.
         Under torch.distributed only rank 0 writes (every rank holds the whole pruned model).
         """
-        from .parallel import is_main_process
+        from .engine.distributed import is_main_process
 
         if not (kwargs.get("is_main_process", True) and is_main_process()):
             logger.info("not the main process: %s is left to rank 0", save_directory)
@@ -185,7 +186,7 @@ class PrunedModelForCausalLM:
         compressed = kwargs.pop("compressed", False)
         if compressed and not self.is_pruned:
             raise ValueError("compressed=True is for pruned models (it stores their zeros as a bitmask); prune first")
-        from .offload import offloaded_shard_size
+        from .engine.offload import offloaded_shard_size
 
         shard_size = offloaded_shard_size(self)  # type: ignore[arg-type]
         if shard_size is not None and "max_shard_size" not in kwargs:  # offloaded: save a layer's worth at a time
@@ -197,7 +198,7 @@ class PrunedModelForCausalLM:
             if compressed:  # before the card, which reports the stored sizes and the loader to use
                 compress_checkpoint(staging)
             if model_card is not False and self.is_pruned:
-                from .card import CardInfo, write_card
+                from .card.render import CardInfo, write_card
 
                 write_card(staging, model_card if isinstance(model_card, CardInfo) else None)
         if push:
@@ -211,14 +212,14 @@ class PrunedModelForCausalLM:
         commit. A model without a pruning record is pushed by transformers unchanged. Under
         torch.distributed only rank 0 pushes.
         """
-        from .parallel import is_main_process
+        from .engine.distributed import is_main_process
 
         if not is_main_process():
             logger.info("not the main process: pushing %s is left to rank 0", repo_id)
             return None
         if not self.is_pruned:
             return super().push_to_hub(repo_id, *args, **kwargs)  # type: ignore[misc]
-        from .hub import push_pruned_model
+        from .card.hub import push_pruned_model
 
         return push_pruned_model(self, repo_id, *args, **kwargs)
 

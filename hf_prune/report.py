@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .architectures import DecoderLayout
-from .offload import read_parameter
+from .engine.offload import read_parameter
+from .walker.layout import DecoderLayout
 
 
 @dataclass

@@ -21,7 +21,7 @@ def smollm2():
     pytest.importorskip("gguf")
     from transformers import AutoTokenizer
 
-    from hf_prune.offline import smollm2_location
+    from hf_prune.data.bundled import smollm2_location
 
     try:
         directory, gguf_file = smollm2_location()

@@ -9,12 +9,12 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-import hf_prune.engine as engine
+import hf_prune.engine.loop as engine
 from hf_prune import SparseGPTConfig, WandaConfig
-from hf_prune.architectures import DecoderLayout
-from hf_prune.layer_pass import StatisticsCollector
+from hf_prune.engine.layer_pass import StatisticsCollector
+from hf_prune.engine.statistics import StatKind
 from hf_prune.methods.base import LayerPruner
-from hf_prune.statistics import StatKind
+from hf_prune.walker.layout import DecoderLayout
 
 
 def test_collector_shares_statistics_without_keeping_the_input_alive():

@@ -16,9 +16,9 @@ from hf_prune import (
     SparseGPTConfig,
     WandaConfig,
 )
-from hf_prune.architectures import DecoderLayout
-from hf_prune.methods.barber import BarberPruner, rebuild_masks
-from hf_prune.patterns import parse_pattern, satisfies_nm
+from hf_prune.methods.barber.method import BarberPruner, rebuild_masks
+from hf_prune.methods.patterns import parse_pattern, satisfies_nm
+from hf_prune.walker.layout import DecoderLayout
 
 # ---------------------------------------------------------------- configuration
 
@@ -88,7 +88,7 @@ def test_bad_settings_name_the_fix(kwargs, message):
 def _random_case(rows: int, cols: int, pattern_text: str, seed: int):
     gen = torch.Generator().manual_seed(seed)
     pattern = parse_pattern(pattern_text)
-    from hf_prune.patterns import mask_from_scores
+    from hf_prune.methods.patterns import mask_from_scores
 
     mask = mask_from_scores(torch.rand(rows, cols, generator=gen), pattern, 0.5)
     return torch.rand(rows, cols, generator=gen), mask, pattern

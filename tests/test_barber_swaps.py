@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from hf_prune.methods.barber_swaps import swap_search
-from hf_prune.patterns import satisfies_nm
+from hf_prune.methods.barber.swaps import swap_search
+from hf_prune.methods.patterns import satisfies_nm
 
 ROWS, COLS = 12, 32
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from tiny_models import FAMILIES, tiny_model
 
-import hf_prune.block_chunking as block_chunking
-import hf_prune.engine as engine
+import hf_prune.engine.chunking as block_chunking
+import hf_prune.engine.layer_pass as layer_pass
 from hf_prune import SparseGPTConfig, WandaConfig
-from hf_prune.architectures import DecoderLayout
+from hf_prune.walker.layout import DecoderLayout
 
 
 @contextlib.contextmanager
@@ -32,7 +32,7 @@ def _prune(family: str, config, token_ids, monkeypatch, chunked: bool):
     monkeypatch.setattr(block_chunking, "CHUNK_TOKENS", 2 * seq)  # at most 2 samples per chunk
     monkeypatch.setattr(block_chunking, "CPU_CHUNK_BYTES", 2 * seq * model.config.hidden_size * 4)
     if not chunked:
-        monkeypatch.setattr(engine, "chunked_blocks", _whole_blocks)
+        monkeypatch.setattr(layer_pass, "chunked_blocks", _whole_blocks)
     layout = DecoderLayout(model)
     largest: dict[str, list[int]] = {"attention": [], "mlp": []}
     modules = {kind: layout.submodule(0, _first_input(layout, kind)) for kind in largest}

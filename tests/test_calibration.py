@@ -9,7 +9,7 @@ import torch
 from tiny_models import VOCAB, tiny_model
 
 from hf_prune import CalibrationError, WandaConfig
-from hf_prune.calibration import BUNDLED_C4, build_calibration, load_text, tokenize_windows
+from hf_prune.data.calibration import BUNDLED_C4, build_calibration, load_text, tokenize_windows
 
 
 class ByteTokenizer:
@@ -62,7 +62,7 @@ def test_bad_jsonl_names_the_line(tmp_path):
 
 
 def test_c4_falls_back_to_bundled_sample_offline(monkeypatch):
-    import hf_prune.calibration as calibration
+    import hf_prune.data.calibration as calibration
 
     def unreachable(name, split):
         raise ConnectionError("hub unreachable")

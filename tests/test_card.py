@@ -13,10 +13,10 @@ from huggingface_hub import ModelCard
 from tiny_models import VOCAB, tiny_model
 
 from hf_prune import MagnitudeConfig, PruningConfig, SparseGPTConfig, WandaConfig
-from hf_prune.card import PLOT_NAME, CardInfo, read_checkpoint, reproduce_commands, write_card
+from hf_prune.card.markdown import escape_markdown
+from hf_prune.card.render import PLOT_NAME, CardInfo, read_checkpoint, reproduce_commands, write_card
+from hf_prune.checkpoint.provenance import describe_source, record_evaluation
 from hf_prune.cli import build_config, main, make_parser
-from hf_prune.markdown import escape_markdown
-from hf_prune.provenance import describe_source, record_evaluation
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -24,7 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(autouse=True)
 def _no_hub_lookups(monkeypatch):
     """Cards look a base model's license up on the Hub when unknown; tests stay offline."""
-    monkeypatch.setattr("hf_prune.card.hub_license", lambda repo_id: None)
+    monkeypatch.setattr("hf_prune.card.render.hub_license", lambda repo_id: None)
 
 
 def _pruned(config: PruningConfig, token_ids: torch.Tensor, family: str = "qwen3"):
@@ -293,7 +293,7 @@ def test_bundled_smollm2_source_is_named_with_its_license(smollm2):
 def test_gguf_license_is_read_from_the_header(tmp_path):
     import struct
 
-    from hf_prune.provenance import gguf_string_field
+    from hf_prune.checkpoint.provenance import gguf_string_field
 
     def string(text: str) -> bytes:
         return struct.pack("<Q", len(text.encode())) + text.encode()
@@ -334,7 +334,7 @@ def test_real_structured_then_2of4_card_and_commands(token_ids, tmp_path):
 
 
 def test_without_matplotlib_the_card_has_no_plot(token_ids, tmp_path, monkeypatch):
-    monkeypatch.setattr("hf_prune.plots.matplotlib_available", lambda: False)
+    monkeypatch.setattr("hf_prune.card.plots.matplotlib_available", lambda: False)
     model = _pruned(MagnitudeConfig(sparsity=0.5), token_ids)
     out = tmp_path / "noplot"
     model.save_pretrained(out)

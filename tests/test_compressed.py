@@ -11,9 +11,9 @@ import torch
 import transformers
 from tiny_models import VOCAB, tiny_model
 
-import hf_prune.compressed as compressed_module
+import hf_prune.checkpoint.compressed as compressed_module
 from hf_prune import AutoPrunedModelForCausalLM, L1NormStructuredConfig, MagnitudeConfig
-from hf_prune.compressed import (
+from hf_prune.checkpoint.compressed import (
     CompressedCheckpointError,
     checkpoint_bytes,
     compress_tensor,
@@ -166,7 +166,7 @@ def test_compressed_save_needs_a_pruned_model_and_never_overwrites_source(tmp_pa
 
 
 def test_card_of_a_compressed_checkpoint_counts_dense_parameters_and_names_the_loader(tmp_path):
-    from hf_prune.card_facts import read_checkpoint
+    from hf_prune.card.facts import read_checkpoint
 
     model = tiny_model("llama")
     model.prune(MagnitudeConfig(sparsity=0.5))

@@ -10,8 +10,8 @@ from tiny_models import FAMILIES, VOCAB, tiny_model
 from transformers import AutoModelForCausalLM
 
 from hf_prune import AutoPrunedModelForCausalLM, MagnitudeConfig, PruningConfig, SparseGPTConfig, WandaConfig
-from hf_prune.architectures import DecoderLayout
-from hf_prune.patterns import satisfies_nm
+from hf_prune.methods.patterns import satisfies_nm
+from hf_prune.walker.layout import DecoderLayout
 
 METHODS = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig}
 PATTERNS = ["unstructured", "2:4"]

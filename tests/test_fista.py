@@ -15,13 +15,14 @@ from tiny_models import VOCAB, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
 from hf_prune import AutoPrunedModelForCausalLM, FISTAConfig, PruningConfig
-from hf_prune.architectures import DecoderLayout
-from hf_prune.capture import capture_layer_inputs
-from hf_prune.layer_pass import run_layer
-from hf_prune.methods.fista import FISTAPruner, LambdaSearchError
-from hf_prune.methods.fista_solver import QuadraticProblem, SolverSettings, fista, solve
-from hf_prune.patterns import parse_pattern, satisfies_nm
-from hf_prune.statistics import InputStatistics, StatKind
+from hf_prune.engine.capture import capture_layer_inputs
+from hf_prune.engine.layer_pass import run_layer
+from hf_prune.engine.statistics import InputStatistics, StatKind
+from hf_prune.errors import LambdaSearchError
+from hf_prune.methods.fista.method import FISTAPruner
+from hf_prune.methods.fista.solver import QuadraticProblem, SolverSettings, fista, solve
+from hf_prune.methods.patterns import parse_pattern, satisfies_nm
+from hf_prune.walker.layout import DecoderLayout
 
 TESTS = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
@@ -326,7 +327,7 @@ def _parallel_ids() -> torch.Tensor:
 
 def _targeted_weights(model) -> dict[str, torch.Tensor]:
     """Every operator's weight as (out, in), read from the offload store for offloaded layers."""
-    from hf_prune.offload import read_parameter
+    from hf_prune.engine.offload import read_parameter
 
     layout = DecoderLayout(model)
     weights = {}
@@ -342,8 +343,8 @@ def distributed_worker(out_dir: str, offloaded: bool = False) -> None:
     ``offloaded``: the model is loaded from ``out_dir/source`` with every layer offloaded to
     disk, in one offload folder that all ranks share (as when every rank runs the same script).
     """
-    from hf_prune.offload import materialized_bytes
-    from hf_prune.parallel import distributed_state, is_main_process
+    from hf_prune.engine.distributed import distributed_state, is_main_process
+    from hf_prune.engine.offload import materialized_bytes
 
     torch.set_num_threads(1)
     if offloaded:
@@ -368,18 +369,19 @@ def offloaded_distributed_worker(out_dir: str) -> None:
 
 def failing_distributed_worker(out_dir: str) -> None:
     """A rank whose share fails on rank 1 (run by ``test_distributed_rank_failure_stops_every_rank``)."""
-    from hf_prune import parallel
+    from hf_prune.engine import parallel
+    from hf_prune.engine.distributed import distributed_state
 
     torch.set_num_threads(1)
-    world_size, rank = parallel.distributed_state()
-    real = parallel.prune_one_layer
+    world_size, rank = distributed_state()
+    real = parallel.prune_from_dense_inputs
 
-    def prune_one_layer(pruner, layout, index, *args, **kwargs):
+    def prune_from_dense_inputs(pruner, layout, index, *args, **kwargs):
         if rank == 1:
             raise ValueError(f"injected failure in layer {index}")
         return real(pruner, layout, index, *args, **kwargs)
 
-    parallel.prune_one_layer = prune_one_layer
+    parallel.prune_from_dense_inputs = prune_from_dense_inputs
     try:
         _three_layer_llama().prune(_parallel_config(), calibration_data=_parallel_ids())
         message = "no error"

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-import hf_prune.host_memory as host_memory
+import hf_prune.engine.host_memory as host_memory
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt only")

@@ -9,15 +9,15 @@ import torch
 from tiny_models import SHARED_DATA, tiny_model
 
 from hf_prune import AutoPrunedModelForCausalLM, LLMRankConfig, evaluate_perplexity
-from hf_prune.architectures import DecoderLayout
+from hf_prune.engine.statistics import InputStatistics, StatKind
 from hf_prune.methods.base import LayerContext
 from hf_prune.methods.llm_rank import LLMRankPruner
+from hf_prune.methods.structured.base import kept_count
+from hf_prune.methods.structured.scores import propagate
 from hf_prune.report import count_parameters
-from hf_prune.statistics import InputStatistics, StatKind
-from hf_prune.structured import attention_geometry, layer_sizes
-from hf_prune.structured.geometry import attention_rows, mlp_input_magnitude, mlp_rows, operator
-from hf_prune.structured.pruner import kept_count
-from hf_prune.structured.scores import propagate
+from hf_prune.surgery import attention_geometry, layer_sizes
+from hf_prune.surgery.geometry import attention_rows, mlp_input_magnitude, mlp_rows, operator
+from hf_prune.walker.layout import DecoderLayout
 
 
 def _kill_neurons(model, dead: torch.Tensor) -> None:

@@ -9,8 +9,7 @@ import torch
 from tiny_models import VOCAB, tiny_model
 
 from hf_prune import AutoPrunedModelForCausalLM, MutualInfoConfig, PruningConfig
-from hf_prune.architectures import DecoderLayout
-from hf_prune.methods.mi_estimators import (
+from hf_prune.methods.mutual_info.estimators import (
     _renyi2,
     _renyi_spectral,
     _standardized,
@@ -18,10 +17,11 @@ from hf_prune.methods.mi_estimators import (
     gaussian_mutual_information,
     renyi_mutual_information,
 )
-from hf_prune.methods.mutual_info import greedy_removal, output_energy, redundancy, select_redundant
-from hf_prune.structured import layer_sizes
-from hf_prune.structured.geometry import mlp_rows, operator
-from hf_prune.structured.pruner import kept_count
+from hf_prune.methods.mutual_info.method import greedy_removal, output_energy, redundancy, select_redundant
+from hf_prune.methods.structured.base import kept_count
+from hf_prune.surgery import layer_sizes
+from hf_prune.surgery.geometry import mlp_rows, operator
+from hf_prune.walker.layout import DecoderLayout
 
 PROBE = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
 

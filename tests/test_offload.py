@@ -18,17 +18,16 @@ from hf_prune import (
     SparseGPTConfig,
     WandaConfig,
 )
-from hf_prune.architectures import DecoderLayout
-from hf_prune.engine import prune_model
-from hf_prune.offload import (
+from hf_prune.engine.activations import activation_bytes, plan_activations
+from hf_prune.engine.loop import prune_model
+from hf_prune.engine.offload import (
     PRUNED_SUBFOLDER,
-    activation_bytes,
     is_offloaded,
     layer_on_device,
     materialized_bytes,
-    plan_activations,
     read_parameter,
 )
+from hf_prune.walker.layout import DecoderLayout
 
 BUDGET = 6 * 2**20  # bytes of weights allowed on the (CPU) device; the model holds ~14 MiB
 
@@ -120,7 +119,7 @@ def test_disk_offloaded_wanda_equals_in_memory_under_budget(source, ids, tmp_pat
 
 
 def _calibration(ids):
-    from hf_prune.calibration import build_calibration
+    from hf_prune.data.calibration import build_calibration
 
     return build_calibration(ids, None, "c4-sample", ids.shape[0], ids.shape[1], 0)
 
@@ -285,7 +284,7 @@ def test_writers_of_the_same_layer_never_share_a_staging_file(tmp_path, monkeypa
     writer finishing while the first is between staging and renaming must not take its file."""
     from types import SimpleNamespace
 
-    import hf_prune.offload as offload
+    import hf_prune.engine.offload as offload
 
     loader = SimpleNamespace(save_folder=str(tmp_path), index={})
     real_save = offload.save_file

@@ -14,9 +14,9 @@ from tiny_models import VOCAB, tiny_model
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from hf_prune import AutoPrunedModelForCausalLM, WandaConfig
-from hf_prune.card import PLOT_NAME
+from hf_prune.card.render import PLOT_NAME
+from hf_prune.checkpoint.provenance import record_evaluation
 from hf_prune.cli import main
-from hf_prune.provenance import record_evaluation
 
 TOKEN = "hf_SECRETtokenvalue1234567890"
 
@@ -51,8 +51,8 @@ def api(monkeypatch, tmp_path):
     FakeHfApi.calls = []
     FakeHfApi.uploads = []
     FakeHfApi.store = tmp_path / "hub"
-    monkeypatch.setattr("hf_prune.hub.HfApi", FakeHfApi)
-    monkeypatch.setattr("hf_prune.card.hub_license", lambda repo_id: None)
+    monkeypatch.setattr("hf_prune.card.hub.HfApi", FakeHfApi)
+    monkeypatch.setattr("hf_prune.card.render.hub_license", lambda repo_id: None)
     return FakeHfApi
 
 

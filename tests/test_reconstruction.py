@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_prune.engine.statistics import InputStatistics, StatKind
+from hf_prune.methods.patterns import mask_from_scores, parse_pattern, satisfies_nm
 from hf_prune.methods.sparsegpt import sparsegpt_prune
 from hf_prune.methods.wanda import wanda_scores
-from hf_prune.patterns import mask_from_scores, parse_pattern, satisfies_nm
-from hf_prune.statistics import InputStatistics, StatKind
 
 
 def _correlated_inputs(tokens: int, width: int, seed: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from tiny_models import VOCAB, tiny_config, tiny_model
 
 from hf_prune import AutoPrunedModelForCausalLM, MagnitudeConfig
-from hf_prune.sparse_kernels import (
+from hf_prune.inference.sparse_kernels import (
     FIXES,
     SparseKernelError,
     _as_linear,

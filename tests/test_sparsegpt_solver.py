@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from hf_prune import SparseGPTConfig
+from hf_prune.engine.statistics import InputStatistics, StatKind
 from hf_prune.methods import sparsegpt
+from hf_prune.methods.patterns import parse_pattern, prune_count, satisfies_nm
 from hf_prune.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune
-from hf_prune.patterns import parse_pattern, prune_count, satisfies_nm
-from hf_prune.statistics import InputStatistics, StatKind
 
 
 def _textbook(weight: torch.Tensor, gram: torch.Tensor, sparsity: float, pattern_text: str, block: int) -> torch.Tensor:

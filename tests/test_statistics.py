@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_prune.layer_pass import NonFiniteActivationError, check_finite
-from hf_prune.statistics import SQUARE_BLOCK_ELEMENTS, InputStatistics, StatKind, add_upper_gram, mirror_upper
+from hf_prune.engine.layer_pass import check_finite
+from hf_prune.engine.statistics import SQUARE_BLOCK_ELEMENTS, InputStatistics, StatKind, add_upper_gram, mirror_upper
+from hf_prune.errors import NonFiniteActivationError
 
 
 def test_column_norms_of_many_tokens_match_the_direct_sum():

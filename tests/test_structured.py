@@ -20,13 +20,13 @@ from hf_prune import (
     StructureMismatchError,
     WandaConfig,
 )
-from hf_prune.architectures import DecoderLayout
-from hf_prune.patterns import satisfies_nm
-from hf_prune.record import verify_record
+from hf_prune.checkpoint.record import verify_record
+from hf_prune.methods.patterns import satisfies_nm
+from hf_prune.methods.structured.base import kept_count
 from hf_prune.report import count_parameters
-from hf_prune.structured import layer_sizes, shrink_attention, shrink_mlp, structure_report
-from hf_prune.structured.geometry import mlp_input_magnitude, operator
-from hf_prune.structured.pruner import kept_count
+from hf_prune.surgery import layer_sizes, shrink_attention, shrink_mlp, structure_report
+from hf_prune.surgery.geometry import mlp_input_magnitude, operator
+from hf_prune.walker.layout import DecoderLayout
 
 PROBE = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
 

@@ -11,12 +11,12 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from hf_prune import AutoPrunedModelForCausalLM, PruningRecordMismatchError, WandaConfig
-from hf_prune.masks import SparsityMasks, decoder_operators
-from hf_prune.patterns import satisfies_nm
-from hf_prune.training import SparsityCallback, prepare_for_training
+from hf_prune.methods.patterns import satisfies_nm
+from hf_prune.training.callback import SparsityCallback, prepare_for_training
+from hf_prune.training.masks import SparsityMasks, decoder_operators
 
 peft = pytest.importorskip("peft")
-from hf_prune.lora import apply_lora, merge_lora_keep_sparsity  # noqa: E402
+from hf_prune.training.lora import apply_lora, merge_lora_keep_sparsity  # noqa: E402
 
 
 def pruned_model(token_ids, family="llama", pattern="unstructured", targets=None):

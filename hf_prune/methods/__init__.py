@@ -1,24 +1,8 @@
-"""Pruning methods: each module holds one method's config and its algorithm."""
+"""Pruning methods: one module per method (a folder for multi-file ones), listed in ``registry``.
 
-from .barber import BarberConfig
-from .base import LayerPruner
-from .fista import FISTAConfig
-from .llm_rank import LLMRankConfig
-from .magnitude import MagnitudeConfig
-from .mutual_info import MutualInfoConfig
-from .sparsegpt import SparseGPTConfig
-from .structured_baselines import ActivationNormStructuredConfig, L1NormStructuredConfig
-from .wanda import WandaConfig
-
-__all__ = [
-    "ActivationNormStructuredConfig",
-    "BarberConfig",
-    "FISTAConfig",
-    "L1NormStructuredConfig",
-    "LLMRankConfig",
-    "LayerPruner",
-    "MagnitudeConfig",
-    "MutualInfoConfig",
-    "SparseGPTConfig",
-    "WandaConfig",
-]
+Each method module holds its ``PruningConfig`` subclass and its ``LayerPruner`` (the
+contract is in ``base``); ``patterns`` holds the sparsity patterns they share, ``owl`` the
+outlier-weighted layer sparsity any unstructured method can use, and ``structured`` the
+shared base and baselines of the methods that remove neurons and heads. Import the
+public classes from ``hf_prune``.
+"""

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..patterns import check_width
-from ..statistics import InputStatistics, StatKind
+from ..engine.forward import run_layer
+from ..engine.statistics import InputStatistics, StatKind
+from .patterns import check_width
 
 if TYPE_CHECKING:
-    from ..architectures import DecoderLayout, Operator
-    from ..capture import LayerCall
     from ..config import PruningConfig
+    from ..engine.capture import LayerCall
+    from ..walker.layout import DecoderLayout, Operator
 
 
 @dataclass
@@ -48,26 +49,54 @@ class LayerContext:
 
     def run(self, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's outputs for ``hidden`` (default: ``inputs``), batch by batch, without grad."""
-        from ..layer_pass import run_layer
-
         if self.call is None:
             raise ValueError("this layer was pruned without calibration data, so it cannot be run")
         return run_layer(self.layer, self.inputs if hidden is None else hidden, self.call, self.batch_size)
 
 
 class LayerPruner(ABC):
-    """Base class of every method's algorithm."""
+    """The contract between the engine and a pruning method, one decoder layer at a time.
 
-    #: whether operators are pruned during the layer's forward pass (as soon as their
-    #: statistics are complete) rather than after it in ``finish_layer``.
+    The engine owns the model, the calibration data and the devices; a method never loads a
+    model, tokenizes, or walks the network. For every decoder layer the engine:
+
+    1. puts the layer on the device (onloading it from accelerate's store when offloaded) and
+       calls :meth:`start_layer` with the dense layer;
+    2. runs the calibration hidden states through it with a forward pre-hook on every
+       targeted operator, summing the statistics :meth:`statistics_kind` asks for;
+    3. if :attr:`prunes_operators`, replaces each operator's weight by
+       :meth:`prune_operator`'s result: inside the pass, as soon as the operator's statistics
+       are complete, when all samples go through at once (so later operators see the pruned
+       earlier ones), else after the pass;
+    4. calls :meth:`finish_layer`, where layer-wide methods (structured ones, FISTA, LLM-Barber)
+       act, and recomputes the layer's outputs if anything changed after the pass;
+    5. hands the outputs to the next layer (or, with :attr:`layers_take_dense_inputs`, the
+       dense model's outputs) and puts the layer back.
+
+    Attributes:
+        config (`PruningConfig`): the method's configuration.
+        pattern (`Pattern`): the parsed sparsity pattern (unstructured or N:M).
+        prunes_operators (`bool`, class attribute): whether the engine prunes each targeted
+            operator through :meth:`prune_operator`. ``False`` for methods that change the
+            layer as a whole in :meth:`finish_layer`.
+        layers_take_dense_inputs (`bool`): whether every layer is pruned from the hidden
+            states of the *dense* model rather than from the outputs of the already-pruned
+            layers before it. Layers are then independent, and the engine spreads them over
+            :attr:`worker_devices` and ``torchrun`` ranks.
+        worker_devices (`list[str]` or `None`): devices to spread independent layers over;
+            ``None`` lets the engine choose (every visible GPU, else the main device).
+    """
+
     prunes_operators: bool = True
+    layers_take_dense_inputs: bool = False
+    worker_devices: list[str] | None = None
 
     def __init__(self, config: PruningConfig) -> None:
         self.config = config
         self.pattern = config.parsed_pattern
 
     def statistics_kind(self, op: Operator) -> StatKind:
-        """Which input statistics to collect for ``op``."""
+        """Which input statistics to collect for ``op`` (none by default)."""
         return StatKind.NONE
 
     def validate(self, op: Operator) -> None:
@@ -94,3 +123,10 @@ class LayerPruner(ABC):
         Return True if the layer was changed here, so that the engine recomputes its outputs.
         """
         return False
+
+    def prune_in_place(self, op: Operator, stats: InputStatistics | None, sparsity: float,
+                       device: torch.device) -> None:
+        """Prune ``op``'s weight in fp32 on ``device`` and write it back in place: the one place the
+        engine replaces an operator's weight."""
+        weight = op.read_weight().to(device=device, dtype=torch.float32).clone()
+        op.write_weight(self.prune_operator(op, weight, stats, sparsity))

@@ -25,9 +25,10 @@ from typing import ClassVar
 
 import torch
 
-from ..structured.geometry import attention_geometry, attention_input_names, mlp_input_magnitude, operator
-from ..structured.pruner import StructuredConfig, StructuredPruner
-from ..structured.scores import (
+from ..surgery.geometry import attention_geometry, attention_input_names, mlp_input_magnitude, operator
+from .base import LayerContext
+from .structured.base import StructuredConfig, StructuredPruner
+from .structured.scores import (
     attention_input_magnitude,
     group_activation_norms,
     neuron_activation_norms,
@@ -36,7 +37,6 @@ from ..structured.scores import (
     statistics,
     sum_by_group,
 )
-from .base import LayerContext, LayerPruner
 
 SCOPES = ("chained", "isolated")
 
@@ -80,8 +80,6 @@ class LLMRankConfig(StructuredConfig):
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}")
             setattr(self, name, float(value))
 
-    def make_pruner(self) -> LayerPruner:
-        return LLMRankPruner(self)
 
 
 class LLMRankPruner(StructuredPruner):

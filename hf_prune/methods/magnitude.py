@@ -8,9 +8,9 @@ from typing import ClassVar
 import torch
 
 from ..config import PruningConfig
-from ..patterns import mask_from_scores
-from ..statistics import InputStatistics
+from ..engine.statistics import InputStatistics
 from .base import LayerPruner
+from .patterns import mask_from_scores
 
 
 @dataclass
@@ -20,8 +20,6 @@ class MagnitudeConfig(PruningConfig):
     method: ClassVar[str] = "magnitude"
     needs_calibration: ClassVar[bool] = False
 
-    def make_pruner(self) -> LayerPruner:
-        return MagnitudePruner(self)
 
 
 class MagnitudePruner(LayerPruner):

@@ -15,9 +15,9 @@ from typing import ClassVar
 import torch
 
 from ..config import PruningConfig
-from ..patterns import Pattern, lowest_per_group, prune_count
-from ..statistics import InputStatistics, StatKind
+from ..engine.statistics import InputStatistics, StatKind
 from .base import LayerPruner
+from .patterns import Pattern, lowest_per_group, prune_count
 
 
 @dataclass
@@ -44,8 +44,6 @@ class SparseGPTConfig(PruningConfig):
         if not self.dampening > 0:
             raise ValueError(f"dampening must be > 0 (a share of the mean Hessian diagonal), got {self.dampening}")
 
-    def make_pruner(self) -> LayerPruner:
-        return SparseGPTPruner(self)
 
 
 def inverse_hessian_factor(gram: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:

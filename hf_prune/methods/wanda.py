@@ -8,9 +8,9 @@ from typing import ClassVar
 import torch
 
 from ..config import PruningConfig
-from ..patterns import mask_from_scores
-from ..statistics import InputStatistics, StatKind
+from ..engine.statistics import InputStatistics, StatKind
 from .base import LayerPruner
+from .patterns import mask_from_scores
 
 
 @dataclass
@@ -20,8 +20,6 @@ class WandaConfig(PruningConfig):
     method: ClassVar[str] = "wanda"
     paper: ClassVar[str] = "https://arxiv.org/abs/2306.11695"
 
-    def make_pruner(self) -> LayerPruner:
-        return WandaPruner(self)
 
 
 def wanda_scores(weight: torch.Tensor, stats: InputStatistics) -> torch.Tensor:

@@ -1,0 +1,161 @@
+"""Calibration data: from a dataset name, a text file, strings or token ids to a token batch.
+
+Text is concatenated, tokenized once, cut into non-overlapping windows of ``seq_len``
+tokens, and ``num_samples`` windows are drawn with a seeded generator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+from ..errors import CalibrationError
+
+logger = logging.get_logger(__name__)
+
+BUNDLED_C4 = Path(__file__).parent / "c4_sample.txt"
+
+CalibrationInput = str | os.PathLike | list | torch.Tensor
+
+
+@dataclass
+class CalibrationSet:
+    """Token ids ``[num_samples, seq_len]`` and a JSON-ready description of where they came from."""
+
+    input_ids: torch.Tensor
+    record: dict[str, Any]
+
+
+
+
+def _hub_dataset_text(name: str, split: str) -> str:
+    """Text of a standard corpus from the Hugging Face Hub through ``datasets``."""
+    try:
+        import datasets
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise CalibrationError(
+            f"loading {name!r} needs the `datasets` package (pip install 'hf_prune[eval]'), "
+            "or pass a path to a .txt/.jsonl file instead"
+        ) from err
+    if name == "c4":
+        shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
+        data = datasets.load_dataset("allenai/c4", data_files={split: shard}, split=split)
+        return "\n\n".join(data["text"][:5000])
+    if name == "wikitext2":
+        data = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        return "\n\n".join(data["text"])
+    raise CalibrationError(f"no hub dataset is known as {name!r}")
+
+
+def _file_text(path: Path) -> str:
+    if path.suffix == ".jsonl":
+        texts = []
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise CalibrationError(f"{path}:{number} is not valid JSON ({err.msg})") from err
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise CalibrationError(f"{path}:{number} needs a string field 'text'")
+                texts.append(row["text"])
+        return "\n\n".join(texts)
+    return path.read_text(encoding="utf-8")
+
+
+KNOWN_DATASETS = ("c4", "c4-sample", "wikitext2")
+
+
+def load_text(spec: str | os.PathLike, split: str = "train") -> tuple[str, str]:
+    """Return ``(text, source description)`` for a dataset name or a file path.
+
+    ``"c4"`` falls back to the bundled C4 sample, with a warning, when the Hub cannot be
+    reached; the description says so and ends up in the pruning record.
+    """
+    path = Path(os.fspath(spec)).expanduser()
+    if path.is_file():
+        return _file_text(path), f"file:{path.name}"
+    name = str(spec).lower().replace("-raw", "").replace("wikitext-2", "wikitext2")
+    if name == "c4-sample":
+        return BUNDLED_C4.read_text(encoding="utf-8"), "c4-sample (bundled, 584 documents)"
+    if name in ("c4", "wikitext2"):
+        try:
+            return _hub_dataset_text(name, split), f"{name} (hub, {split})"
+        except Exception as err:  # noqa: BLE001 - no `datasets`, or the hub is unreachable
+            if name != "c4":
+                raise CalibrationError(
+                    f"could not load {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
+                    "Offline, or `datasets` not installed? Pass a path to a local .txt/.jsonl file instead"
+                ) from err
+            logger.warning(
+                "could not load allenai/c4 from the Hub (%s: %s); using the bundled C4 sample instead",
+                type(err).__name__, err,
+            )
+            return BUNDLED_C4.read_text(encoding="utf-8"), "c4-sample (bundled; hub unreachable)"
+    raise CalibrationError(
+        f"calibration {str(spec)!r} is neither an existing file nor a known dataset "
+        f"({', '.join(KNOWN_DATASETS)}); pass a path to a .txt or .jsonl file, a list of strings, "
+        "or a LongTensor of token ids"
+    )
+
+
+def tokenize_windows(
+    text: str, tokenizer: Any, num_samples: int, seq_len: int, seed: int, source: str
+) -> CalibrationSet:
+    """Tokenize ``text`` once and draw ``num_samples`` non-overlapping ``seq_len`` windows."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    ids = torch.tensor(ids, dtype=torch.long)
+    available = ids.numel() // seq_len
+    if available < 1:
+        raise CalibrationError(
+            f"calibration text from {source} has {ids.numel()} tokens, fewer than one sample of "
+            f"seq_len={seq_len}; give more text or lower seq_len"
+        )
+    count = min(num_samples, available)
+    if count < num_samples:
+        logger.warning(
+            "calibration text from %s holds only %d windows of %d tokens; using %d samples instead of %d",
+            source, available, seq_len, count, num_samples,
+        )
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(available, generator=generator)[:count].sort().values
+    windows = ids[: available * seq_len].reshape(available, seq_len)[chosen]
+    record = {
+        "source": source, "num_samples": count, "seq_len": seq_len, "seed": seed, "tokens_available": ids.numel(),
+    }
+    return CalibrationSet(windows.contiguous(), record)
+
+
+def build_calibration(
+    data: CalibrationInput | None, tokenizer: Any, spec: str, num_samples: int, seq_len: int, seed: int
+) -> CalibrationSet:
+    """Turn the ``calibration_data`` argument (or, if ``None``, the config's ``spec``) into tokens."""
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2 or data.dtype not in (torch.long, torch.int32, torch.int64):
+            raise CalibrationError(
+                f"calibration_data as a tensor must be token ids of shape [num_samples, seq_len] and an "
+                f"integer dtype, got shape {tuple(data.shape)} and {data.dtype}"
+            )
+        if data.numel() == 0:
+            raise CalibrationError("calibration_data is an empty tensor")
+        record = {"source": "token tensor", "num_samples": data.shape[0], "seq_len": data.shape[1]}
+        return CalibrationSet(data.long(), record)
+    if tokenizer is None:
+        raise CalibrationError(
+            "a tokenizer is needed to turn calibration text into tokens: pass tokenizer=..., or token ids as "
+            "calibration_data"
+        )
+    if isinstance(data, (list, tuple)):
+        if not data or not all(isinstance(t, str) for t in data):
+            raise CalibrationError("calibration_data as a list must hold non-empty strings")
+        return tokenize_windows("\n\n".join(data), tokenizer, num_samples, seq_len, seed, f"{len(data)} strings")
+    text, source = load_text(data if data is not None else spec)
+    return tokenize_windows(text, tokenizer, num_samples, seq_len, seed, source)

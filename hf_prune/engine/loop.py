@@ -1,0 +1,112 @@
+"""The sequential engine: one decoder layer on the device at a time.
+
+For each layer: put it on the device, run the calibration hidden states through it with
+hooks on the targeted operators, prune, and keep its outputs as the next layer's inputs.
+
+With all samples in one batch (the default), each operator is pruned in its forward
+pre-hook as soon as its input statistics are complete, so the layer's pruned outputs
+come out of that same pass: one forward per layer, and later operators of a layer are
+calibrated on the inputs of the already-pruned earlier ones. With ``batch_size`` smaller
+than the sample count, statistics are summed over the batches first and outputs are
+recomputed in a second pass. Methods whose layers take the dense model's inputs
+(``LayerPruner.layers_take_dense_inputs``) go to ``parallel`` instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from ..config import PruningConfig
+from ..data.calibration import CalibrationSet
+from ..methods.base import LayerPruner
+from ..methods.owl import owl_layer_sparsities
+from ..walker.layout import DecoderLayout, Operator
+from .activations import place_activations
+from .capture import LayerCall, capture_layer_inputs
+from .host_memory import return_freed_memory_to_os
+from .layer_pass import layer_call, prune_layer, visit_layers
+from .offload import OffloadStats, is_offloaded
+from .parallel import prune_layers_parallel
+
+
+@dataclass
+class PruningRun:
+    """What the engine did: the target sparsity of each layer and the wall time."""
+
+    layer_sparsity: list[float]
+    seconds: float
+    offload: OffloadStats | None = None
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``"auto"`` is the first GPU when one is visible, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={spec!r} was asked for but no CUDA GPU is visible; use device='auto' or 'cpu'")
+    return device
+
+
+def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: CalibrationSet | None) -> PruningRun:
+    """Prune ``model`` in place, layer by layer, as ``config`` says."""
+    start_time = time.perf_counter()
+    return_freed_memory_to_os()  # activations of each layer are freed before the next: keep RSS flat
+    layout = DecoderLayout(model)
+    pruner = config.make_pruner()
+    targets = layout.all_targeted(config.targets)
+    for ops in targets:
+        for op in ops:
+            pruner.validate(op)
+    device = resolve_device(config.device)
+    offload = OffloadStats() if is_offloaded(model) else None
+    was_training = model.training
+    model.eval()
+    try:
+        if not config.uses_calibration:
+            sparsities = [config.sparsity] * len(layout)
+            visit_layers(layout, device, offload, lambda index: prune_layer(
+                pruner, layout, index, targets[index], None, None, sparsities[index], device, 1,
+                one_pass=False, need_outputs=False))
+        else:
+            if calibration is None:
+                raise ValueError(f"method {config.method!r} needs calibration data")
+            hidden, calls = capture_layer_inputs(layout, calibration.input_ids)
+            if config.owl is not None:
+                sparsities = owl_layer_sparsities(layout, targets, hidden, calls, config, device, offload)
+            else:
+                sparsities = [config.sparsity] * len(layout)
+            if pruner.layers_take_dense_inputs:  # layers independent: parallel over devices/ranks
+                prune_layers_parallel(layout, targets, pruner, hidden, calls, config, device, sparsities, offload)
+            else:
+                handed_over = [hidden]  # no reference stays here: layer 0's inputs are freed after layer 0
+                del hidden
+                _prune_sequentially(layout, targets, pruner, handed_over, calls, config, device, sparsities, offload)
+    finally:
+        model.train(was_training)
+    return PruningRun(sparsities, time.perf_counter() - start_time, offload)
+
+
+def _prune_sequentially(layout: DecoderLayout, targets: list[list[Operator]], pruner: LayerPruner,
+                        handed_over: list[torch.Tensor], calls: list[LayerCall], config: PruningConfig,
+                        device: torch.device, sparsities: list[float], offload: OffloadStats | None) -> None:
+    """Each layer calibrated on the pruned outputs of the one before. ``handed_over`` holds layer 0's
+    inputs and is emptied, so that each layer's inputs are freed as soon as its outputs replace them."""
+    hidden = handed_over.pop()
+    samples = hidden.shape[0]
+    batch_size = min(config.batch_size or samples, samples)
+    hidden, batch_size = place_activations(hidden, device, batch_size)
+    one_pass = pruner.prunes_operators and batch_size >= samples
+    current = [hidden]
+    del hidden
+
+    def visit(index: int) -> None:
+        inputs = current.pop()
+        current.append(prune_layer(pruner, layout, index, targets[index], inputs, layer_call(calls[index], device),
+                                   sparsities[index], device, batch_size, one_pass=one_pass))
+
+    visit_layers(layout, device, offload, visit)

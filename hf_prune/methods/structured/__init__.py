@@ -1,0 +1,1 @@
+"""Structured methods' shared base (configuration, kept counts, shrinking), scores and baselines."""

@@ -1,0 +1,168 @@
+"""The shared part of structured methods: configuration, kept counts, and shrinking per layer.
+
+A structured method scores the MLP neurons (and, with ``heads=True``, the attention KV
+groups) of each decoder layer after the engine's statistics pass, keeps the best ones and
+removes the rest physically; the engine then recomputes the layer's outputs for the next
+layer. Subclasses only say how to score.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ...config import PruningConfig
+from ...engine.statistics import InputStatistics, StatKind
+from ...surgery.geometry import attention_geometry, attention_input_names, operator
+from ...surgery.shrink import shrink_attention, shrink_mlp
+from ...walker.layout import Operator
+from ..base import LayerContext, LayerPruner
+
+DEFAULT_AMOUNT = 0.3
+
+
+@dataclass
+class StructuredConfig(PruningConfig):
+    """Fields shared by structured methods (MLP neurons, optionally attention heads).
+
+    Args:
+        amount: share of each layer's MLP neurons removed, in [0, 1), the same in every layer.
+            ``sparsity`` mirrors it (pass either; they may not differ); ``pattern`` must stay
+            ``"unstructured"``: nothing is zeroed, whole neurons leave the weights. The
+            recorded ``measured_sparsity`` therefore counts no zeros; the record's
+            ``structure`` entry holds the kept sizes and parameter counts instead.
+        heads: also remove attention heads (whole KV groups with their query heads).
+        head_amount: share of each layer's KV groups removed; default ``amount``.
+        round_to: kept neuron counts are rounded to the nearest multiple of this (default 8),
+            so that the MLP widths stay usable by N:M patterns (2:4, 4:8) and fast kernels.
+            The removed share is therefore within ``round_to / 2`` neurons of ``amount``.
+    """
+
+    sparsity: float | None = None
+    amount: float | None = None
+    heads: bool = False
+    head_amount: float | None = None
+    round_to: int = 8
+
+    def __post_init__(self) -> None:
+        amount = self.amount if self.amount is not None else self.sparsity
+        amount = DEFAULT_AMOUNT if amount is None else amount
+        if (self.amount is not None and self.sparsity is not None
+                and not math.isclose(float(self.amount), float(self.sparsity), abs_tol=1e-9)):
+            raise ValueError(
+                f"amount={self.amount} and sparsity={self.sparsity} differ: structured methods remove a share "
+                "`amount` of the MLP neurons and record it as sparsity; pass only amount"
+            )
+        self.amount = amount
+        self.sparsity = amount
+        if self.pattern != "unstructured":
+            raise ValueError(
+                f"pattern={self.pattern!r} does not apply to {type(self).__name__}: it removes whole neurons and "
+                "heads. To add an N:M pattern, prune again afterwards with e.g. WandaConfig(pattern='2:4')"
+            )
+        if isinstance(self.amount, bool) or not isinstance(self.amount, (int, float)) or not 0 <= self.amount < 1:
+            raise ValueError(f"amount must be in [0, 1) (the share of MLP neurons removed), got {self.amount!r}")
+        super().__post_init__()
+        self.amount = float(self.amount)
+        if self.head_amount is not None and (isinstance(self.head_amount, bool)
+                                             or not isinstance(self.head_amount, (int, float))
+                                             or not 0 <= self.head_amount < 1):
+            raise ValueError(f"head_amount must be None or in [0, 1), got {self.head_amount!r}")
+        if not isinstance(self.heads, bool):
+            raise ValueError(f"heads must be True or False, got {self.heads!r}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ValueError(f"round_to must be a positive integer (1 = no rounding), got {self.round_to!r}")
+        if self.targets is not None:
+            raise ValueError(
+                f"{type(self).__name__} chooses its operators itself (MLP neurons, plus attention heads with "
+                "heads=True); leave targets unset"
+            )
+        if self.owl is not None:
+            raise ValueError(f"owl sets unstructured per-layer sparsities and does not apply to {type(self).__name__}")
+
+    @property
+    def effective_head_amount(self) -> float:
+        return self.amount if self.head_amount is None else float(self.head_amount)
+
+
+def kept_count(width: int, amount: float, round_to: int = 1) -> int:
+    """Units kept out of ``width`` when removing ``amount`` of them, rounded to a multiple of ``round_to``."""
+    if amount <= 0 or width == 0:
+        return width
+    exact = width * (1.0 - amount)
+    kept = round_to * math.floor(exact / round_to + 0.5)
+    return max(0, min(width, kept))
+
+
+def top_units(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` highest scores, in increasing index order (ties: lower index first)."""
+    order = torch.argsort(scores.float().cpu(), descending=True, stable=True)
+    return order[:count].sort().values
+
+
+class StructuredPruner(LayerPruner):
+    """Scores, keeps and removes whole neurons (and KV groups) in ``finish_layer``."""
+
+    prunes_operators = False
+    #: whether the scores use activation statistics of the MLP and attention operators
+    uses_activations = True
+
+    def __init__(self, config: StructuredConfig) -> None:
+        super().__init__(config)
+        self.config: StructuredConfig = config
+        self._statistics_names: set[str] = set()
+
+    def statistics_kind(self, op: Operator) -> StatKind:
+        if not self.uses_activations:
+            return StatKind.NONE
+        return StatKind.NORMS if op.local_name in self._statistics_names else StatKind.NONE
+
+    def start_layer(self, context: LayerContext) -> None:
+        spec = context.layout.spec
+        names = {*spec.mlp_in, spec.mlp_out}
+        if self.config.heads:
+            names |= {spec.o, *attention_input_names(context.layout)}
+        self._statistics_names = names
+
+    def validate(self, op: Operator) -> None:
+        return None
+
+    def prune_weight(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: float) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} removes whole neurons in finish_layer, not weights one by one")
+
+    # scoring, implemented by each method -----------------------------------------------------------------
+    @abstractmethod
+    def score_neurons(self, context: LayerContext) -> torch.Tensor:
+        """Importance of each MLP neuron of this layer (higher = kept)."""
+
+    @abstractmethod
+    def score_groups(self, context: LayerContext) -> torch.Tensor:
+        """Importance of each attention KV group of this layer (higher = kept)."""
+
+    def layer_done(self, context: LayerContext, neurons: torch.Tensor, scores: torch.Tensor | None) -> None:
+        """Called after the layer was shrunk, with the kept neurons and all neurons' scores."""
+        return None
+
+    # the shared procedure ------------------------------------------------------------------------------------
+    def finish_layer(self, context: LayerContext) -> bool:
+        layout, index = context.layout, context.index
+        changed = False
+        if self.config.heads:
+            geometry = attention_geometry(layout, index)
+            if geometry.kv_heads:
+                keep = kept_count(geometry.kv_heads, self.config.effective_head_amount)
+                scores = self.score_groups(context)
+                changed |= shrink_attention(layout, index, top_units(scores, keep)) > 0
+        width = operator(layout, index, layout.spec.mlp_out).in_features
+        scores = None
+        neurons = torch.arange(width, device="cpu")
+        if width:
+            scores = self.score_neurons(context)
+            neurons = top_units(scores, kept_count(width, self.config.amount, self.config.round_to))
+            changed |= shrink_mlp(layout, index, neurons) > 0
+        self.layer_done(context, neurons, scores)
+        return changed
+
