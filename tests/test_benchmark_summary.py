@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "benchmark.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmark.py"
 
 
 def _benchmark():

@@ -394,10 +394,11 @@ def failing_distributed_worker(out_dir: str) -> None:
 def _launch_ranks(function: str, out_dir: Path, world_size: int = 2) -> list[subprocess.Popen]:
     """``world_size`` processes with torchrun's environment, each running ``test_fista.<function>(out_dir)``."""
     port = _free_port()
-    code = f"import sys, test_fista; test_fista.{function}(sys.argv[1])"  # cwd (tests/) is on sys.path
+    code = f"import sys, test_fista; test_fista.{function}(sys.argv[1])"  # cwd and tests/ are on sys.path
     procs = []
     for rank in range(world_size):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
                    RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
                    CUDA_VISIBLE_DEVICES="")
         procs.append(subprocess.Popen([sys.executable, "-c", code, str(out_dir)], env=env, cwd=str(TESTS),
