@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .engine.offload import read_parameter
-from .walker.layout import DecoderLayout
+from .walker.layout import DecoderLayout, decoder_operators, unwrap_model
 
 
 @dataclass
@@ -35,24 +35,19 @@ class PruningReport:
 
 
 def measure_sparsity(model: nn.Module) -> PruningReport:
-    """Count zeros in every Linear/Conv1D weight inside the decoder layers."""
-    layout = DecoderLayout(model)
+    """Count zeros in every prunable weight inside the decoder layers (through peft/DDP wrappers;
+    offloaded weights are read from their store): the one sparsity count of hf_prune."""
     per_module: dict[str, float] = {}
-    per_layer: list[float] = []
-    zeros_total = 0
-    count_total = 0
-    for index in range(len(layout)):
-        layer_zeros = 0
-        layer_count = 0
-        for op in layout.operators(index):
-            weight = read_parameter(op.module, "weight")  # offloaded weights are read from their store
-            zeros = int((weight == 0).sum()) if weight.device.type != "meta" else 0
-            per_module[op.name] = zeros / weight.numel() if weight.numel() else 0.0
-            layer_zeros += zeros
-            layer_count += weight.numel()
-        per_layer.append(layer_zeros / layer_count if layer_count else 0.0)
-        zeros_total += layer_zeros
-        count_total += layer_count
+    layer_zeros = [0] * len(DecoderLayout(unwrap_model(model)))
+    layer_count = [0] * len(layer_zeros)
+    for op in decoder_operators(model):
+        weight = read_parameter(op.module, "weight")
+        zeros = int((weight == 0).sum()) if weight.device.type != "meta" else 0
+        per_module[op.name] = zeros / weight.numel() if weight.numel() else 0.0
+        layer_zeros[op.layer_index] += zeros
+        layer_count[op.layer_index] += weight.numel()
+    per_layer = [z / c if c else 0.0 for z, c in zip(layer_zeros, layer_count)]
+    zeros_total, count_total = sum(layer_zeros), sum(layer_count)
     overall = zeros_total / count_total if count_total else 0.0
     return PruningReport(per_module, per_layer, overall, zeros_total, count_total)
 

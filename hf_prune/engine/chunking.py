@@ -36,6 +36,7 @@ from torch import nn
 
 from ..walker.layout import ArchitectureSpec, DecoderLayout, Operator
 from .collector import StatisticsCollector
+from .forward import StopForward, UntilStopped
 from .host_memory import heap_for_temporaries
 
 #: Most tokens per chunk: enough to keep the matmuls efficient, few enough to save memory.
@@ -66,10 +67,6 @@ def chunkable_blocks(spec: ArchitectureSpec) -> list[Block]:
         if path and inputs and all(name.rpartition(".")[0] == path for name in inputs):
             blocks.append(Block(path, inputs, output, returns_tuple))
     return blocks
-
-
-class _StopAtOutput(Exception):
-    """Raised inside the output projection's pre-hook once its input was taken."""
 
 
 def _splittable(value: Any) -> bool:
@@ -180,7 +177,7 @@ def _chunked_forward(original_forward, output: nn.Module, block: Block, input_op
             pending.append(inputs[0])
             if output_op is not None:
                 collector.observe(output_op, inputs[0], remember=False)
-            raise _StopAtOutput
+            raise StopForward
 
         # pruning runs outside the heap regions: a solver's temporaries of a few MiB must not
         # land on top of the kept chunks, where they would stay resident until the next trim
@@ -191,12 +188,11 @@ def _chunked_forward(original_forward, output: nn.Module, block: Block, input_op
             with heap_for_temporaries():
                 for start in range(0, samples, samples_per_chunk):
                     end = start + samples_per_chunk
-                    try:
+                    with UntilStopped() as stop:
                         original_forward(*_take_samples(args, samples, start, end),
                                          **_take_samples(kwargs, samples, start, end))
-                    except _StopAtOutput:
-                        continue
-                    raise RuntimeError(f"{block.output} was not called by {block.path}; cannot run it in chunks")
+                    if not stop.reached:
+                        raise RuntimeError(f"{block.output} was not called by {block.path}; cannot run it in chunks")
         finally:
             handle.remove()
         if output_op is not None:

@@ -44,3 +44,29 @@ def check_finite(tensor: torch.Tensor, layer_index: int, model_dtype: torch.dtyp
         "Load the model in float32 or bfloat16 (dtype=torch.float32), lower the sparsity, or check the "
         "calibration text. Nothing was saved"
     )
+
+
+class StopForward(Exception):
+    """Raised inside a forward hook to end the pass early once what was wanted is known."""
+
+
+class UntilStopped:
+    """Context for a forward pass that a hook may end early by raising ``StopForward``.
+
+    The exception ends the body silently and ``reached`` becomes True; any other exception
+    propagates. ``with UntilStopped() as stop: layer(x)`` then ``stop.reached`` tells whether
+    a hook fired.
+    """
+
+    def __init__(self) -> None:
+        self.reached = False
+
+    def __enter__(self) -> UntilStopped:
+        self.reached = False
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: object) -> bool:
+        if exc_type is not None and issubclass(exc_type, StopForward):
+            self.reached = True
+            return True
+        return False

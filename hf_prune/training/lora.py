@@ -21,8 +21,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
+from ..checkpoint.record import recorded_sparsity
 from ..methods.patterns import parse_pattern, satisfies_nm
-from .masks import check_pruned_weights, decoder_operators, pruning_record, recorded_sparsity, unwrap_model
+from ..report import measure_sparsity
+from ..walker.layout import decoder_operators, unwrap_model
+from .masks import check_pruned_weights, pruning_record
 
 logger = logging.get_logger(__name__)
 
@@ -194,14 +197,6 @@ def _compare(without: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
     }
 
 
-def _decoder_sparsity(model: nn.Module) -> float:
-    zeros = total = 0
-    for op in decoder_operators(model):
-        zeros += int((op.module.weight == 0).sum())
-        total += op.module.weight.numel()
-    return zeros / total if total else 0.0
-
-
 def _masked_module_ids(base: nn.Module) -> set[int]:
     """The decoder operators that were pruned: recorded with sparsity > 0, else holding zeros."""
     recorded = recorded_sparsity(pruning_record(base))
@@ -264,7 +259,7 @@ def merge_lora_keep_sparsity(peft_model: Any, sample_data: Any = None, adapter_n
         reference = _logits(peft_model, batch)
         with peft_model.disable_adapter():
             without = _logits(peft_model, batch)
-    sparsity_before = _decoder_sparsity(base)
+    sparsity_before = measure_sparsity(base).overall
     masked_ids = _masked_module_ids(base)
     tuner_names = [name for name, module in base.named_modules() if isinstance(module, BaseTunerLayer)]
     outermost = [n for n in tuner_names if not any(n.startswith(t + ".") for t in tuner_names)]
@@ -299,7 +294,7 @@ def merge_lora_keep_sparsity(peft_model: Any, sample_data: Any = None, adapter_n
     report = MergeReport(
         merged_modules=merged, masked_modules=masked, entries_reset=reset,
         discarded_update=math.sqrt(dropped / total) if total > 0 else 0.0, pattern=str(pattern),
-        sparsity_before=sparsity_before, sparsity_after=_decoder_sparsity(model),
+        sparsity_before=sparsity_before, sparsity_after=measure_sparsity(model).overall,
     )
     if batch is not None and reference is not None and without is not None:
         mask = batch.get("attention_mask")

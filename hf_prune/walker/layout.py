@@ -7,6 +7,7 @@ layers, seen as ``(out_features, in_features)`` weights whatever their storage l
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +145,36 @@ def is_prunable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP/accelerate wrappers and a peft ``PeftModel``."""
+    for _ in range(8):  # a few nested wrappers at most
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft PeftModel
+            model = model.get_base_model()
+        elif not hasattr(model, "config") and isinstance(getattr(model, "module", None), nn.Module):  # DDP
+            model = model.module
+        else:
+            break
+    return model
+
+
+def _adapter_prefixes(layer: nn.Module) -> list[str]:
+    """Names of the adapter containers (``lora_A``, ``lora_B``...) of peft tuner layers in ``layer``."""
+    prefixes = []
+    for name, module in layer.named_modules():
+        adapter_names = getattr(module, "adapter_layer_names", None)
+        if adapter_names and hasattr(module, "base_layer"):
+            prefixes += [f"{name}.{attr}" if name else attr for attr in adapter_names]
+    return prefixes
+
+
+def decoder_operators(model: nn.Module) -> Iterator[Operator]:
+    """Every prunable operator of every decoder layer of a (possibly wrapped) model, as named in
+    the pruning record: the one walk that reports, record checks, masks and LoRA merges use."""
+    layout = DecoderLayout(unwrap_model(model))
+    for index in range(len(layout)):
+        yield from layout.operators(index)
+
+
 class DecoderLayout:
     """Finds a causal LM's decoder layers and the operators inside them."""
 
@@ -174,13 +205,23 @@ class DecoderLayout:
         return f"{self.spec.layers_path}.{index}"
 
     def operators(self, index: int) -> list[Operator]:
-        """Every prunable operator of layer ``index``, in module order."""
+        """Every prunable operator of layer ``index``, in module order.
+
+        Works through peft: a LoRA-wrapped ``q_proj`` yields its ``base_layer`` under the name
+        ``...self_attn.q_proj``; the adapter's own ``lora_A``/``lora_B`` are not operators.
+        """
         prefix = self.layer_prefix(index)
-        return [
-            Operator(f"{prefix}.{local}", local, index, module)
-            for local, module in self.layers[index].named_modules()
-            if local and is_prunable(module)
-        ]
+        layer = self.layers[index]
+        skip = _adapter_prefixes(layer)
+        found = []
+        for local, module in layer.named_modules():
+            if not local or not is_prunable(module):
+                continue
+            if any(local == p or local.startswith(p + ".") for p in skip):
+                continue
+            clean = ".".join(part for part in local.split(".") if part != "base_layer")
+            found.append(Operator(f"{prefix}.{clean}", clean, index, module))
+        return found
 
     def targeted_operators(self, index: int, targets: list[str] | None) -> list[Operator]:
         """The operators of layer ``index`` whose full or layer-relative name matches ``targets``."""

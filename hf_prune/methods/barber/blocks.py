@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ...engine.capture import LayerCall
+from ...engine.forward import StopForward, UntilStopped
 from ...walker.layout import DecoderLayout, Operator
 
 
@@ -114,10 +115,6 @@ def _block(name: str, module: nn.Module, entry: nn.Module, path: str, targets: l
     return Block(name, module, entry, ops, {op.name: op.local_name[len(prefix):] + ".weight" for op in ops})
 
 
-class _BlockReached(Exception):
-    """Raised by the pre-hook to stop the layer's forward once the block's input is known."""
-
-
 def block_calls(layer: nn.Module, block: Block, hidden: torch.Tensor, call: LayerCall,
                 chunk: int) -> Iterator[BlockCall]:
     """The block's inputs in the current (pruned) layer, ``chunk`` calibration samples at a time.
@@ -137,7 +134,7 @@ def block_calls(layer: nn.Module, block: Block, hidden: torch.Tensor, call: Laye
             key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
             rest = {k: v for k, v in kwargs.items() if k != key}
             caught.append(BlockCall(kwargs[key], (), rest, key, samples))
-        raise _BlockReached
+        raise StopForward
 
     handle = block.entry.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -145,10 +142,8 @@ def block_calls(layer: nn.Module, block: Block, hidden: torch.Tensor, call: Laye
             batch = hidden[start:start + chunk]
             armed, samples = True, batch.shape[0]
             try:
-                with torch.no_grad():
+                with UntilStopped(), torch.no_grad():
                     layer(batch, *call.args, **call.kwargs)
-            except _BlockReached:
-                pass
             finally:
                 armed = False
             if not caught:

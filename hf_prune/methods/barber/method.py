@@ -8,7 +8,7 @@ not change. Two ways to choose the swaps:
 * ``rebuild="swaps"`` (default): right after the starting method prunes an operator, each
   row takes the (grow, drop) pair that lowers its output error on the calibration inputs
   most, computed exactly from the input's Gram matrix, again and again while the error
-  falls (``barber_swaps``). The engine walks the operators of a block in order, so each
+  falls (``swaps``). The engine walks the operators of a block in order, so each
   one is rebuilt on the inputs left by the rebuilt operators before it.
 * ``rebuild="gradient"`` (the paper's): per block of the layer (self-attention, then MLP),
   the block's input in the pruned model goes through the dense and the pruned block; the
@@ -16,8 +16,8 @@ not change. Two ways to choose the swaps:
   weight is scored ``|W| * RMS(∇W)`` (root mean square over calibration samples; ``W`` is
   the dense value of a pruned weight, the current one of a kept weight). Pruned weights
   that score high grow back with their dense value, kept weights that score low are
-  dropped. This first-order score lowers the block MSE but did not lower SmolLM2-135M's
-  perplexity (README), hence the exact swaps by default.
+  dropped. This first-order score lowers the block MSE but not the perplexity of a real
+  model (measurements in the README), hence the exact swaps by default.
 
 Only the current layer's targeted weights are copied (dense, before pruning); the dense
 model is never duplicated. Gradients are taken in float32 whatever the model's dtype.
