@@ -291,25 +291,34 @@ def test_stale_staging_folders_of_ours_are_removed_and_others_kept(tmp_path, mod
     old, new = models
     out = tmp_path / "out"
     old.save_pretrained(out, model_card=False)
-    stale = tmp_path / ".out.partial-deadbeef"  # what a killed save leaves: a full-size copy
-    stale.mkdir()
-    (stale / "model.safetensors").write_bytes(b"\0" * 4096)
-    live = tmp_path / ".out.partial-0badf00d"  # another process is saving right now: it holds the lock
-    live.mkdir()
-    lock = saving._lock(live)
+    stale = [tmp_path / ".out.partial-deadbeef", tmp_path / ".out.replaced-0badf00d"]  # left by killed saves
+    for folder in stale:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"\0" * 4096)  # a full-size copy, in real life
     foreign = [tmp_path / name for name in (".out.partial-notours", ".other.partial-deadbeef", "out.partial-12345678")]
     for folder in foreign:
         folder.mkdir()
         (folder / "keep").write_text("x")
+    new.save_pretrained(out, model_card=False)
+    assert not any(folder.exists() for folder in stale)
+    for folder in foreign:
+        assert (folder / "keep").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")) == [".out.partial-notours"]
+
+
+def test_a_staging_folder_of_a_live_save_is_left_alone(tmp_path, models):
+    old, new = models
+    out = tmp_path / "out"
+    old.save_pretrained(out, model_card=False)
+    live = tmp_path / ".out.partial-0badf00d"  # another process is saving right now: it holds the lock
+    live.mkdir()
+    lock = saving._lock(live)
     try:
         new.save_pretrained(out, model_card=False)
-        assert not stale.exists()
         assert live.exists()
     finally:
         saving._unlock(lock)
-    for folder in foreign:
-        assert (folder / "keep").read_text() == "x"
-    new.save_pretrained(out, model_card=False)
+    new.save_pretrained(out, model_card=False)  # its owner is gone now
     assert not live.exists()
 
 
