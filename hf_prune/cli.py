@@ -18,6 +18,7 @@ import torch
 from transformers.utils import logging
 
 from .config import PruningConfig, registered_methods
+from .errors import HfPruneError
 
 logger = logging.get_logger(__name__)
 
@@ -290,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"hf-prune: error: {err}", file=sys.stderr)
+    except (HfPruneError, ValueError, FileNotFoundError, TypeError) as err:  # every library error, on one line
+        print(f"hf-prune: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

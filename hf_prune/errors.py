@@ -48,3 +48,24 @@ class SparseKernelError(HfPruneError, RuntimeError):
 
 class LambdaSearchError(HfPruneError, ValueError):
     """FISTAPruner's lambda search did not bracket the requested error share (strict mode)."""
+
+
+class PruningConfigError(HfPruneError, ValueError):
+    """A pruning configuration field has the wrong type or an out-of-range value; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class PruningRecordError(HfPruneError, ValueError):
+    """A checkpoint's pruning record (``config.json["pruning_config"]``) is malformed: wrong types,
+    missing entries or nested too deep. The record was edited or does not come from hf_prune."""
+
+
+class SaveDirectoryError(HfPruneError, ValueError):
+    """``save_pretrained`` refuses the target: it is the source model's folder, or not a folder."""
+
+
+class SurgeryIndexError(HfPruneError, IndexError):
+    """Units to keep are out of range, a mask of the wrong length, or not integers or booleans."""

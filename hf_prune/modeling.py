@@ -17,12 +17,12 @@ from transformers.utils import logging
 
 from .checkpoint.compressed import compress_checkpoint, compressed_layout, load_compressed
 from .checkpoint.provenance import describe_source
-from .checkpoint.record import make_record, verify_record
+from .checkpoint.record import make_record, validate_record, verify_record
 from .checkpoint.saving import check_not_source, staged_directory
 from .config import PruningConfig
-from .data.calibration import CalibrationInput, build_calibration
+from .data.calibration import CalibrationInput, build_calibration, model_limits
 from .engine.loop import prune_model
-from .errors import StructureMismatchError
+from .errors import PruningRecordError, StructureMismatchError
 from .report import PruningReport, measure_sparsity
 from .surgery import LOADER_ADVICE, model_shape, rebuild_recorded_structure, structure_record
 
@@ -92,7 +92,7 @@ class PrunedModelForCausalLM:
             loader = super().from_pretrained  # type: ignore[misc]
             if compressed_layout(kwargs.get("config")) is not None:  # values + bitmask: rebuilt dense, then loaded
                 model = load_compressed(loader, pretrained_model_name_or_path, *model_args, hub_keys=_HUB_KWARGS,
-                                        **kwargs)
+                                        model_class=cls, **kwargs)
             else:
                 model = loader(pretrained_model_name_or_path, *model_args, **kwargs)
         except RuntimeError as err:
@@ -112,6 +112,7 @@ class PrunedModelForCausalLM:
         )
         record = getattr(model.config, "pruning_config", None)
         if record:
+            validate_record(record, require_measurement=verify_pruning)
             model.pruning_config = PruningConfig.from_dict(record)
             if verify_pruning:
                 verify_record(model, record, str(pretrained_model_name_or_path))
@@ -144,7 +145,8 @@ class PrunedModelForCausalLM:
             if tokenizer is None and not isinstance(calibration_data, torch.Tensor):
                 tokenizer = self._load_tokenizer()
             calibration = build_calibration(
-                calibration_data, tokenizer, config.calibration, config.num_samples, config.seq_len, config.seed
+                calibration_data, tokenizer, config.calibration, config.num_samples, config.seq_len, config.seed,
+                limits=model_limits(self),
             )
         source = describe_source(self)  # type: ignore[arg-type]
         shape_before = model_shape(self)  # type: ignore[arg-type]
@@ -259,7 +261,13 @@ class AutoPrunedModelForCausalLM:
         config = kwargs.pop("config", None)
         if config is None:
             hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            try:
+                config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            except RecursionError:
+                raise PruningRecordError(
+                    f"the config.json of {pretrained_model_name_or_path} nests lists or dicts too deeply to be read; "
+                    "no checkpoint saved by transformers or hf_prune does: it was crafted or damaged"
+                ) from None
         model_cls = cls.model_class(config)
         return model_cls.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
 

@@ -63,6 +63,9 @@ def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
             f"{config_path} has no pruning record (pruning_config): the card describes models pruned with "
             "hf_prune; prune the model and save it with save_pretrained first"
         )
+    from ..checkpoint.record import validate_record
+
+    validate_record(record, require_measurement=False)  # a crafted record raises the library's error here
     tensors: dict[str, tuple[int, int]] = {}
     file_bytes = 0
     files = sorted(directory.glob("*.safetensors"))

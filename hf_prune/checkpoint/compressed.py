@@ -27,7 +27,8 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.utils import logging
 
+from ..config import short_repr
 from ..errors import CompressedCheckpointError
 
 logger = logging.get_logger(__name__)
@@ -221,113 +223,292 @@ def compress_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
     return entry
 
 
-# --- loading ------------------------------------------------------------------------------------------
+# --- loading ---------------------------------------------------------------------------------------
+
+#: Most dimensions a stored tensor may have.
+_MAX_DIMS = 8
+
+
+def plain_file_name(name: object) -> bool:
+    """Whether ``name`` is a bare file name: no directory part, not ``.``/``..``, not absolute, no NUL."""
+    return (isinstance(name, str) and 0 < len(name) <= 255 and "/" not in name and "\\" not in name
+            and "\0" not in name and ":" not in name and name not in (".", "..") and not os.path.isabs(name))
+
+
+def _bad_layout(message: str) -> CompressedCheckpointError:
+    return CompressedCheckpointError(
+        f"config.json's pruning_config.compressed {message}; the checkpoint was crafted or damaged, nothing was "
+        f"written. {LOADER_ADVICE}"
+    )
+
+
+def _check_pair(compressed: object, dense: object, suffix: str) -> None:
+    """A (compressed, dense) file-name pair as ``compress_checkpoint`` writes it."""
+    for name in (compressed, dense):
+        if not plain_file_name(name):
+            raise _bad_layout(f"names {name!r}, which is not a plain file name inside the checkpoint")
+    assert isinstance(compressed, str) and isinstance(dense, str)
+    if not (compressed.startswith(COMPRESSED_PREFIX) and compressed.endswith(suffix)
+            and dense == "model" + compressed[len(COMPRESSED_PREFIX):]):
+        raise _bad_layout(
+            f"maps {compressed!r} to {dense!r}; hf_prune writes 'compressed<rest>{suffix}' for 'model<rest>{suffix}'"
+        )
+
+
+def check_layout(entry: Any) -> dict[str, Any]:
+    """Validate the ``compressed`` entry of a pruning record before any file is read or written; return it.
+
+    Every file it names must be a plain file name (no separator, no ``..``, not absolute),
+    each compressed file ``compressed<rest>`` standing for the dense ``model<rest>``.
+    """
+    if not isinstance(entry, dict) or entry.get("format") != FORMAT or entry.get("version") != VERSION:
+        raise CompressedCheckpointError(
+            f"unsupported compressed checkpoint layout {short_repr(entry)}: this hf_prune reads format {FORMAT!r} "
+            f"version {VERSION}; upgrade hf_prune"
+        )
+    files = entry.get("files")
+    if not isinstance(files, dict) or not files:
+        raise _bad_layout(f"must map compressed file names to dense ones in 'files', got {short_repr(files)}")
+    for compressed, dense in files.items():
+        _check_pair(compressed, dense, ".safetensors")
+    index = entry.get("index")
+    if index is not None:
+        if not isinstance(index, dict) or len(index) != 1:
+            raise _bad_layout(f"must name one index file in 'index', got {short_repr(index)}")
+        ((compressed, dense),) = index.items()
+        _check_pair(compressed, dense, ".safetensors.index.json")
+    return entry
 
 
 def compressed_layout(config: Any) -> dict[str, Any] | None:
-    """The ``compressed`` entry of a config's pruning record, or ``None`` for dense checkpoints."""
+    """The ``compressed`` entry of a config's pruning record (validated), or ``None`` for dense checkpoints."""
     record = getattr(config, "pruning_config", None)
     entry = record.get("compressed") if isinstance(record, dict) else None
     if entry is None:
         return None
-    if not isinstance(entry, dict) or entry.get("format") != FORMAT or entry.get("version") != VERSION:
-        raise CompressedCheckpointError(
-            f"unsupported compressed checkpoint layout {entry!r}: this hf_prune reads format {FORMAT!r} version "
-            f"{VERSION}; upgrade hf_prune"
-        )
-    return entry
+    return check_layout(entry)
 
 
-def _entries(handle: Any) -> Iterator[tuple[str, str, list[int], Callable[[], torch.Tensor]]]:
-    """``(name, dtype code, shape, load)`` of each dense tensor a compressed shard describes."""
+def _dims(value: Any, name: str) -> list[int]:
+    dims = value.tolist() if isinstance(value, torch.Tensor) else value
+    if (not isinstance(dims, list) or len(dims) > _MAX_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in dims)):
+        raise CompressedCheckpointError(f"{name} has the dense shape {short_repr(dims)}, which is not a list of at "
+                                        f"most {_MAX_DIMS} non-negative integers; the checkpoint is damaged")
+    return dims
+
+
+class _Entry:
+    """One dense tensor a compressed shard describes: its name, dtype code, shape and how to load it."""
+
+    def __init__(self, name: str, dtype: str, shape: list[int], load: Callable[[], torch.Tensor],
+                 compressed: bool) -> None:
+        self.name, self.dtype, self.shape, self.load, self.compressed = name, dtype, shape, load, compressed
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape) * _DTYPE_BYTES[self.dtype]
+
+
+def _entries(handle: Any, file_name: str) -> list[_Entry]:
+    """The dense tensors of an open compressed shard, checked from the headers (and the tiny shape
+    tensors) only: known dtypes, shapes whose bitmask holds exactly one bit per entry, no more
+    values than entries, no orphan bitmask or shape, no name twice."""
     keys = set(handle.keys())
+    entries: list[_Entry] = []
     for key in sorted(keys):
         if key.endswith(VALUES_SUFFIX):
             name = key[: -len(VALUES_SUFFIX)]
-            if name + MASK_SUFFIX not in keys or name + SHAPE_SUFFIX not in keys:
-                raise CompressedCheckpointError(f"{name} has values but no bitmask or shape; the checkpoint is damaged")
-            shape = [int(d) for d in handle.get_tensor(name + SHAPE_SUFFIX).tolist()]
+            if name in keys or name + MASK_SUFFIX not in keys or name + SHAPE_SUFFIX not in keys:
+                raise CompressedCheckpointError(
+                    f"{file_name}: {name} must be stored either dense or as values + bitmask + shape; the checkpoint "
+                    "is damaged"
+                )
+            shape_slice = handle.get_slice(name + SHAPE_SUFFIX)
+            if shape_slice.get_dtype() != "I64" or len(shape_slice.get_shape()) != 1 or (
+                    shape_slice.get_shape()[0] > _MAX_DIMS):
+                raise CompressedCheckpointError(f"{file_name}: {name}{SHAPE_SUFFIX} must be a short int64 vector")
+            shape = _dims(handle.get_tensor(name + SHAPE_SUFFIX), name)
+            count = math.prod(shape)
+            mask_slice, values_slice = handle.get_slice(name + MASK_SUFFIX), handle.get_slice(key)
+            if mask_slice.get_dtype() != "U8" or list(mask_slice.get_shape()) != [math.ceil(count / 8)]:
+                raise CompressedCheckpointError(
+                    f"{file_name}: {name} has the dense shape {shape} ({count} entries), which needs a bitmask of "
+                    f"{math.ceil(count / 8)} uint8 bytes, but {mask_slice.get_dtype()} {mask_slice.get_shape()} is "
+                    "stored; the checkpoint is damaged"
+                )
+            dtype, values_shape = values_slice.get_dtype(), list(values_slice.get_shape())
+            if dtype not in _DTYPE_BYTES or len(values_shape) != 1 or values_shape[0] > count:
+                raise CompressedCheckpointError(
+                    f"{file_name}: {name} stores {values_shape} {dtype} values for {count} entries; the checkpoint is "
+                    "damaged"
+                )
 
             def load(name: str = name, shape: list[int] = shape) -> torch.Tensor:
                 return decompress_tensor(handle.get_tensor(name + VALUES_SUFFIX),
                                          handle.get_tensor(name + MASK_SUFFIX), shape)
 
-            yield name, handle.get_slice(key).get_dtype(), shape, load
-        elif not key.endswith((MASK_SUFFIX, SHAPE_SUFFIX)):
-            yield key, handle.get_slice(key).get_dtype(), list(handle.get_slice(key).get_shape()), (
-                lambda key=key: handle.get_tensor(key))
+            entries.append(_Entry(name, dtype, shape, load, compressed=True))
+        elif key.endswith((MASK_SUFFIX, SHAPE_SUFFIX)):
+            if key.rsplit(".", 1)[0] + VALUES_SUFFIX not in keys:
+                raise CompressedCheckpointError(f"{file_name}: {key} belongs to no stored values; the checkpoint is "
+                                                "damaged")
+        else:
+            tensor_slice = handle.get_slice(key)
+            dtype = tensor_slice.get_dtype()
+            if dtype not in _DTYPE_BYTES:
+                raise CompressedCheckpointError(f"{key} has dtype {dtype}, which this loader does not know")
+            entries.append(_Entry(key, dtype, _dims(list(tensor_slice.get_shape()), key),
+                                  lambda key=key: handle.get_tensor(key), compressed=False))
+    return entries
 
 
-def _write_dense_safetensors(source: Path, target: Path) -> int:
-    """Write the dense safetensors file ``source`` (compressed) describes, one tensor in memory at a time.
+def _write_dense_safetensors(handle: Any, entries: list[_Entry], target: Path) -> int:
+    """Write the dense safetensors file an open compressed shard describes, one tensor in memory at a time.
 
     Returns the data bytes written. Tensors are laid out by decreasing element size, so each
     starts aligned to its element size, as the safetensors library lays them out.
     """
-    with safe_open(str(source), framework="pt") as handle:
-        metadata = {k: v for k, v in (handle.metadata() or {}).items() if k != "hf_prune_compressed"}
-        entries = list(_entries(handle))
-        for name, dtype, _, _ in entries:
-            if dtype not in _DTYPE_BYTES:
-                raise CompressedCheckpointError(f"{name} has dtype {dtype}, which this loader does not know")
-        entries.sort(key=lambda e: (-_DTYPE_BYTES[e[1]], e[0]))
-        header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-        offset = 0
-        for name, dtype, shape, _ in entries:
-            size = math.prod(shape) * _DTYPE_BYTES[dtype]
-            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
-            offset += size
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
-        with open(target, "wb") as out:
-            out.write(len(encoded).to_bytes(8, "little"))
-            out.write(encoded)
-            for name, _, _, load in entries:
-                tensor = load().contiguous().reshape(-1)
-                start, end = header[name]["data_offsets"]
-                if tensor.numel() * tensor.element_size() != end - start:
-                    raise CompressedCheckpointError(f"{name} decompressed to the wrong size; the checkpoint is damaged")
-                out.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-                del tensor
+    metadata = {k: v for k, v in (handle.metadata() or {}).items() if k != "hf_prune_compressed"}
+    entries = sorted(entries, key=lambda e: (-_DTYPE_BYTES[e.dtype], e.name))
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for entry in entries:
+        header[entry.name] = {"dtype": entry.dtype, "shape": entry.shape, "data_offsets": [offset, offset + entry.size]}
+        offset += entry.size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(target, "xb") as out:  # a fresh file in our own folder: never follows or replaces anything
+        out.write(len(encoded).to_bytes(8, "little"))
+        out.write(encoded)
+        for entry in entries:
+            tensor = entry.load().contiguous().reshape(-1)
+            if tensor.numel() * tensor.element_size() != entry.size:
+                raise CompressedCheckpointError(f"{entry.name} decompressed to the wrong size; the checkpoint is "
+                                                "damaged")
+            out.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            del tensor
     return offset
 
 
-def decompress_checkpoint(files: dict[str, Path], layout: dict[str, Any], target: str | os.PathLike) -> Path:
+def _check_plan(plan: dict[str, list[_Entry]], expected: dict[str, tuple[int, ...]] | None) -> int:
+    """Refuse tensors stored twice, shapes that differ from the model's, and compressed tensors that
+    would expand beyond the model's size; return the bytes decompression will write."""
+    seen: dict[str, str] = {}
+    compressed_elements = 0
+    total = 0
+    for file_name, entries in plan.items():
+        for entry in entries:
+            if entry.name in seen:
+                raise CompressedCheckpointError(f"{entry.name} is stored in both {seen[entry.name]} and {file_name}; "
+                                                "the checkpoint is damaged")
+            seen[entry.name] = file_name
+            total += entry.size
+            if entry.compressed:
+                compressed_elements += math.prod(entry.shape)
+            if expected is not None and entry.name in expected and tuple(entry.shape) != expected[entry.name]:
+                raise CompressedCheckpointError(
+                    f"{file_name}: {entry.name} has the dense shape {entry.shape} but the model built from config.json "
+                    f"has {list(expected[entry.name])}; the checkpoint was crafted or damaged, nothing was loaded"
+                )
+    if expected is not None:
+        budget = sum(math.prod(shape) for shape in expected.values())
+        if compressed_elements > budget:
+            raise CompressedCheckpointError(
+                f"the compressed tensors expand to {compressed_elements} entries, more than the {budget} the whole "
+                "model built from config.json holds; the checkpoint was crafted (inflated bitmasks), nothing was "
+                "written"
+            )
+    return total
+
+
+def decompress_checkpoint(files: dict[str, Path], layout: dict[str, Any], target: str | os.PathLike,
+                          expected: dict[str, tuple[int, ...]] | None = None) -> Path:
     """Write the dense transformers checkpoint of a compressed one into ``target``.
 
-    ``files`` maps each compressed file name (weights and index) to its local path.
+    ``files`` maps each compressed file name (weights and index) to its local path. The
+    layout's names are validated (``check_layout``) and every header is read and checked
+    before anything is written; ``expected`` (tensor name -> shape of the model the config
+    builds) refuses wrong shapes and compressed tensors larger than the model. Files are
+    created only inside ``target``, under the layout's plain dense names.
     """
+    check_layout(layout)
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    for name, dense_name in layout["files"].items():
-        _write_dense_safetensors(files[name], target / dense_name)
-    if layout.get("index"):
-        ((compressed_index, dense_index),) = layout["index"].items()
-        index = json.loads(Path(files[compressed_index]).read_text())
-        renamed = dict(layout["files"])
-        weight_map: dict[str, str] = {}
-        for key, shard in index["weight_map"].items():
-            if key.endswith((MASK_SUFFIX, SHAPE_SUFFIX)):
-                continue
-            name = key[: -len(VALUES_SUFFIX)] if key.endswith(VALUES_SUFFIX) else key
-            weight_map[name] = renamed[shard]
-        total = sum(os.path.getsize(target / name) for name in renamed.values())
-        (target / dense_index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    with ExitStack() as stack:
+        handles = {name: stack.enter_context(safe_open(str(files[name]), framework="pt")) for name in layout["files"]}
+        plan = {name: _entries(handle, name) for name, handle in handles.items()}
+        weight_map = _dense_weight_map(files, layout) if layout.get("index") else None
+        total = _check_plan(plan, expected)
+        free = shutil.disk_usage(target).free
+        if total > free:
+            raise CompressedCheckpointError(
+                f"rebuilding the dense weights needs {total} bytes but {target} has {free} free: pass "
+                "decompress_dir= a folder on a disk with room"
+            )
+        for name, dense_name in layout["files"].items():
+            _write_dense_safetensors(handles[name], plan[name], target / dense_name)
+    if weight_map is not None:
+        ((_, dense_index),) = layout["index"].items()
+        total = sum(os.path.getsize(target / name) for name in layout["files"].values())
+        with open(target / dense_index, "x", encoding="utf-8") as out:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, out)
     return target
 
 
+def _dense_weight_map(files: dict[str, Path], layout: dict[str, Any]) -> dict[str, str]:
+    """The dense index's weight map from the compressed index, checked against the layout's files."""
+    ((compressed_index, _),) = layout["index"].items()
+    try:
+        index = json.loads(Path(files[compressed_index]).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        raise CompressedCheckpointError(f"{compressed_index} is not a readable JSON index ({err}); the checkpoint is "
+                                        "damaged") from None
+    shards = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(shards, dict):
+        raise CompressedCheckpointError(f"{compressed_index} has no 'weight_map' object; the checkpoint is damaged")
+    renamed = layout["files"]
+    weight_map: dict[str, str] = {}
+    for key, shard in shards.items():
+        if not isinstance(shard, str) or shard not in renamed:
+            raise CompressedCheckpointError(
+                f"{compressed_index} puts {short_repr(key)} in {short_repr(shard)}, which config.json's compressed "
+                "layout does not list; the checkpoint was crafted or damaged"
+            )
+        if key.endswith((MASK_SUFFIX, SHAPE_SUFFIX)):
+            continue
+        name = key[: -len(VALUES_SUFFIX)] if key.endswith(VALUES_SUFFIX) else key
+        weight_map[name] = renamed[shard]
+    return weight_map
+
+
 def _resolve(path: str | os.PathLike, layout: dict[str, Any], hub_kwargs: dict[str, Any]) -> dict[str, Path]:
-    """Local paths of the compressed files (a local folder, or downloaded through the Hub cache)."""
+    """Local paths of the compressed files (a local folder, or downloaded through the Hub cache).
+
+    Only the layout's plain file names are asked for, so nothing outside the checkpoint is read.
+    """
     from transformers.utils import cached_file
 
+    check_layout(layout)
     names = list(layout["files"]) + list((layout.get("index") or {}).keys())
     resolved = {}
     for name in names:
-        local = cached_file(str(path), name, **hub_kwargs)
+        try:
+            local = cached_file(str(path), name, **hub_kwargs)
+        except OSError as err:
+            raise CompressedCheckpointError(f"{path} lacks {name}, which its config.json lists ({err}). "
+                                            f"{LOADER_ADVICE}") from None
         if local is None:
             raise CompressedCheckpointError(f"{path} lacks {name}, which its config.json lists. {LOADER_ADVICE}")
         resolved[name] = Path(local)
     return resolved
+
+
+def expected_shapes(model_class: type, config: Any) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of the model ``model_class`` builds from ``config``, on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = model_class._from_config(config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
 def _offloads_to_disk(kwargs: dict[str, Any]) -> bool:
@@ -338,12 +519,13 @@ def _offloads_to_disk(kwargs: dict[str, Any]) -> bool:
 
 
 def load_compressed(loader: Callable[..., Any], path: str | os.PathLike, *model_args: Any,
-                    hub_keys: tuple[str, ...] = (), **kwargs: Any) -> Any:
+                    hub_keys: tuple[str, ...] = (), model_class: type | None = None, **kwargs: Any) -> Any:
     """Load a compressed checkpoint with transformers' ``from_pretrained`` (``loader``).
 
     The dense files are rebuilt in a temporary folder (``decompress_dir=`` chooses where;
     it needs the dense checkpoint's size on disk) and removed after loading, or when the model
-    is garbage-collected if weights may be offloaded to disk from there.
+    is garbage-collected if weights may be offloaded to disk from there. With ``model_class``,
+    stored shapes are checked against the model its config builds before anything is written.
     """
     config = kwargs.pop("config")
     layout = compressed_layout(config)
@@ -356,9 +538,10 @@ def load_compressed(loader: Callable[..., Any], path: str | os.PathLike, *model_
     dense_config = copy.deepcopy(config)
     dense_config.pruning_config = {k: v for k, v in config.pruning_config.items() if k != "compressed"}
     keep = _offloads_to_disk(kwargs)
+    expected = expected_shapes(model_class, dense_config) if model_class is not None else None
     folder = tempfile.mkdtemp(prefix="hf_prune-dense-", dir=kwargs.pop("decompress_dir", None))
     try:
-        decompress_checkpoint(files, layout, folder)
+        decompress_checkpoint(files, layout, folder, expected)
         dense_config.to_json_file(os.path.join(folder, "config.json"))
         _copy_generation_config(path, hub_kwargs, folder)
         model = loader(folder, *model_args, config=dense_config, **kwargs)

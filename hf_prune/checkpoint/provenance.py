@@ -148,6 +148,15 @@ def describe_source(model: nn.Module) -> dict[str, Any]:
 _NAMED_TEXTS = {"wikitext2": "wikitext2", "wikitext-2": "wikitext2", "c4": "c4", "c4-sample": "c4-sample"}
 
 
+def public_source_name(spec: str) -> str:
+    """A calibration or evaluation source as a saved record may show it: a dataset name stays, a local
+    file (a path, absolute or relative, with ``/`` or ``\\`` separators or ``~``) keeps only its file name."""
+    if spec.lower() in _NAMED_TEXTS:
+        return spec
+    name = spec.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return name or spec
+
+
 def describe_text(text_or_dataset: Any) -> str:
     """A path-free name for an evaluation text: ``"wikitext2"``, ``"file:name.txt"`` or ``"text"``."""
     if isinstance(text_or_dataset, (str, os.PathLike)):

@@ -1,20 +1,135 @@
-"""The pruning record stored as ``config.json["pruning_config"]``, and its check on load."""
+"""The pruning record stored as ``config.json["pruning_config"]``: written, validated, checked on load."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
 
-from ..config import PruningConfig
+from ..config import MAX_NESTING, PruningConfig, check_nesting, short_repr
 from ..engine.offload import read_parameter
-from ..errors import PruningRecordMismatchError, StructureMismatchError
+from ..errors import PruningConfigError, PruningRecordError, PruningRecordMismatchError, StructureMismatchError
 from ..methods.patterns import Pattern, parse_pattern, satisfies_nm
 from ..report import PruningReport, measure_sparsity
 from ..walker.layout import Operator, decoder_operators
+from .provenance import public_source_name
 
 TOLERANCE = 1e-4
+#: Entries holding flat JSON objects (strings, numbers, booleans, null as values).
+_FLAT_ENTRIES = ("calibration_used", "source", "evaluation")
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _refuse(path: str, message: str) -> PruningRecordError:
+    return PruningRecordError(
+        f"pruning_config{path} {message}. The record in config.json was edited or does not come from hf_prune: "
+        "save the pruned model again, or load the weights with transformers' AutoModelForCausalLM"
+    )
+
+
+def _share(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise _refuse(path, f"must be a sparsity in [0, 1], got {short_repr(value)}")
+    return float(value)
+
+
+def _check_measurement(measured: Any, path: str) -> None:
+    if not isinstance(measured, dict):
+        raise _refuse(path, f"must be a dict with 'modules', 'per_layer' and 'overall', got {short_repr(measured)}")
+    modules = measured.get("modules")
+    if not isinstance(modules, dict):
+        raise _refuse(f"{path}.modules", f"must map module names to their sparsity, got {short_repr(modules)}")
+    for name, value in modules.items():
+        _share(value, f"{path}.modules[{short_repr(name)}]")
+    if "overall" in measured:
+        _share(measured["overall"], f"{path}.overall")
+    per_layer = measured.get("per_layer", [])
+    if not isinstance(per_layer, list):
+        raise _refuse(f"{path}.per_layer", f"must be a list, got {short_repr(per_layer)}")
+    for i, value in enumerate(per_layer):
+        _share(value, f"{path}.per_layer[{i}]")
+
+
+def _check_run(record: dict[str, Any], path: str, require_measurement: bool) -> None:
+    """One pruning run: its configuration, measurements and flat descriptions."""
+    try:
+        PruningConfig.from_dict(record)
+    except PruningConfigError as err:
+        raise _refuse(f"{path}.{err.field}" if err.field != "pruning_config" else path, f"is invalid: {err}") from None
+    measured = record.get("measured_sparsity")
+    if measured is None:
+        if require_measurement:
+            raise _refuse(f"{path}.measured_sparsity", "is missing, so the weights cannot be checked against it "
+                          "(pass verify_pruning=False to load without the check)")
+    else:
+        _check_measurement(measured, f"{path}.measured_sparsity")
+    layers = record.get("layer_sparsity", [])
+    if not isinstance(layers, list):
+        raise _refuse(f"{path}.layer_sparsity", f"must be a list, got {short_repr(layers)}")
+    for i, value in enumerate(layers):
+        _share(value, f"{path}.layer_sparsity[{i}]")
+    for key in _FLAT_ENTRIES:
+        entry = record.get(key)
+        if entry is None:
+            continue
+        if not isinstance(entry, dict) or not all(
+            isinstance(k, str) and isinstance(v, _SCALARS) for k, v in entry.items()
+        ):
+            raise _refuse(f"{path}.{key}", f"must be a flat JSON object, got {short_repr(entry)}")
+        for k, v in entry.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise _refuse(f"{path}.{key}.{k}", f"must be finite, got {v}")
+    version = record.get("hf_prune_version")
+    if version is not None and not isinstance(version, str):
+        raise _refuse(f"{path}.hf_prune_version", f"must be a string, got {short_repr(version)}")
+
+
+def validate_record(record: Any, require_measurement: bool = True) -> dict[str, Any]:
+    """Check a pruning record's shape before anything reads it; return it.
+
+    Raises ``PruningRecordError`` (or ``PruningConfigError`` / ``UnknownMethodError`` for the
+    configuration itself) for anything but what ``make_record`` writes: entries of the wrong
+    type, values out of range, nesting deeper than ``MAX_NESTING``, a missing
+    ``measured_sparsity`` (when ``require_measurement``), a malformed ``structure`` or
+    ``compressed`` layout. Never another exception, whatever JSON value it is given.
+    """
+    if not isinstance(record, dict):
+        raise _refuse("", f"must be a JSON object, got {type(record).__name__}")
+    try:
+        check_nesting(record, MAX_NESTING)
+    except PruningConfigError as err:
+        raise PruningRecordError(str(err)) from None
+    _check_run(record, "", require_measurement)
+    previous = record.get("previous", [])
+    if not isinstance(previous, list):
+        raise _refuse(".previous", f"must be a list of earlier runs, got {short_repr(previous)}")
+    for i, run in enumerate(previous):
+        if not isinstance(run, dict) or "previous" in run:
+            raise _refuse(f".previous[{i}]", "must be the record of one earlier run (a JSON object without "
+                          "'previous')")
+        for key in ("structure", "compressed"):
+            if run.get(key) is not None and not isinstance(run[key], dict):
+                raise _refuse(f".previous[{i}].{key}", f"must be a JSON object, got {short_repr(run[key])}")
+        _check_run(run, f".previous[{i}]", require_measurement=False)
+    if record.get("structure") is not None:
+        from ..surgery.reload import check_structure_entry
+
+        check_structure_entry(record["structure"])
+    if record.get("compressed") is not None:
+        from .compressed import check_layout
+
+        check_layout(record["compressed"])
+    return record
+
+
+def _name_local_files(config: dict[str, Any]) -> None:
+    """Keep only the file name of a local calibration file, in a config dict and its nested ``initial``."""
+    while isinstance(config, dict):
+        if isinstance(config.get("calibration"), str):
+            config["calibration"] = public_source_name(config["calibration"])
+        config = config.get("initial")
 
 
 def make_record(config: PruningConfig, calibration: dict | None, layer_sparsity: list[float],
@@ -28,6 +143,7 @@ def make_record(config: PruningConfig, calibration: dict | None, layer_sparsity:
     from .. import __version__
 
     record = config.to_dict()
+    _name_local_files(record)
     record["hf_prune_version"] = __version__
     record["calibration_used"] = calibration
     record["layer_sparsity"] = [round(s, 6) for s in layer_sparsity]
@@ -82,7 +198,12 @@ def check_weights_against_record(operators: Iterable[Operator], record: dict[str
 
 def verify_record(model: nn.Module, record: dict[str, Any], source: str) -> PruningReport:
     """Raise ``PruningRecordMismatchError`` if the weights lost zeros, the N:M pattern or the recorded
-    structure; return the measured sparsity."""
+    structure; return the measured sparsity.
+
+    The record is validated first (``validate_record``): one without ``measured_sparsity``
+    cannot be checked and raises ``PruningRecordError``.
+    """
+    validate_record(record, require_measurement=True)
     advice = (
         f"The checkpoint at {source} was probably changed after pruning (fine-tuned without hf_prune's "
         "SparsityCallback, or merged with a dense adapter). Load it with transformers' AutoModelForCausalLM "

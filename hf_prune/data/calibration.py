@@ -32,6 +32,56 @@ class CalibrationSet:
     record: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class ModelLimits:
+    """What calibration tokens a model can take: ``context`` positions, token ids below ``vocab``
+    (``None`` when the model does not say)."""
+
+    context: int | None = None
+    vocab: int | None = None
+
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def model_limits(model: Any) -> ModelLimits:
+    """The context length (``max_position_embeddings`` or its family's name) and the input vocabulary
+    (rows of the input embedding, else ``vocab_size``) of a transformers model."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    context = next((v for key in _CONTEXT_KEYS if isinstance(v := getattr(config, key, None), int)
+                    and not isinstance(v, bool) and v > 0), None)
+    vocab = None
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(getattr(embeddings, "num_embeddings", None), int):
+        vocab = embeddings.num_embeddings
+    elif isinstance(getattr(config, "vocab_size", None), int):
+        vocab = config.vocab_size
+    return ModelLimits(context, vocab)
+
+
+def check_seq_len(seq_len: int, limits: ModelLimits | None) -> None:
+    """Raise ``CalibrationError`` if ``seq_len`` is longer than the model's context."""
+    if limits is not None and limits.context is not None and seq_len > limits.context:
+        raise CalibrationError(
+            f"seq_len={seq_len} is longer than the model's context of {limits.context} tokens "
+            "(config.max_position_embeddings): positions past it have no learned embedding or were never trained. "
+            f"Use seq_len <= {limits.context}"
+        )
+
+
+def check_token_ids(ids: torch.Tensor, limits: ModelLimits | None, source: str) -> None:
+    """Raise ``CalibrationError`` if a token id is negative or not below the model's vocabulary size."""
+    if limits is None or limits.vocab is None or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= limits.vocab:
+        raise CalibrationError(
+            f"calibration tokens from {source} include id {low if low < 0 else high}, outside the model's vocabulary "
+            f"[0, {limits.vocab}): the tokenizer or the token ids do not belong to this model. Pass the model's own "
+            "tokenizer, or ids below its vocab_size"
+        )
 
 
 def _hub_dataset_text(name: str, split: str) -> str:
@@ -54,6 +104,16 @@ def _hub_dataset_text(name: str, split: str) -> str:
 
 
 def _file_text(path: Path) -> str:
+    try:
+        return _read_file_text(path)
+    except UnicodeDecodeError as err:
+        raise CalibrationError(
+            f"{path.name} is not UTF-8 text (byte {err.start} is {err.object[err.start:err.start + 1]!r}): convert it "
+            "to UTF-8 (e.g. iconv -t UTF-8) or pass the text as a list of strings"
+        ) from None
+
+
+def _read_file_text(path: Path) -> str:
     if path.suffix == ".jsonl":
         texts = []
         with path.open(encoding="utf-8") as handle:
@@ -108,11 +168,18 @@ def load_text(spec: str | os.PathLike, split: str = "train") -> tuple[str, str]:
 
 
 def tokenize_windows(
-    text: str, tokenizer: Any, num_samples: int, seq_len: int, seed: int, source: str
+    text: str, tokenizer: Any, num_samples: int, seq_len: int, seed: int, source: str,
+    limits: ModelLimits | None = None,
 ) -> CalibrationSet:
-    """Tokenize ``text`` once and draw ``num_samples`` non-overlapping ``seq_len`` windows."""
+    """Tokenize ``text`` once and draw ``num_samples`` non-overlapping ``seq_len`` windows.
+
+    With ``limits``, ``seq_len`` is checked against the model's context before tokenizing and
+    the token ids against its vocabulary after (``CalibrationError``).
+    """
+    check_seq_len(seq_len, limits)
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     ids = torch.tensor(ids, dtype=torch.long)
+    check_token_ids(ids, limits, source)
     available = ids.numel() // seq_len
     if available < 1:
         raise CalibrationError(
@@ -135,9 +202,14 @@ def tokenize_windows(
 
 
 def build_calibration(
-    data: CalibrationInput | None, tokenizer: Any, spec: str, num_samples: int, seq_len: int, seed: int
+    data: CalibrationInput | None, tokenizer: Any, spec: str, num_samples: int, seq_len: int, seed: int,
+    limits: ModelLimits | None = None,
 ) -> CalibrationSet:
-    """Turn the ``calibration_data`` argument (or, if ``None``, the config's ``spec``) into tokens."""
+    """Turn the ``calibration_data`` argument (or, if ``None``, the config's ``spec``) into tokens.
+
+    ``limits`` (see ``model_limits``) are the model's context and vocabulary: a longer
+    ``seq_len`` or an id outside the vocabulary raises ``CalibrationError`` before anything runs.
+    """
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.dtype not in (torch.long, torch.int32, torch.int64):
             raise CalibrationError(
@@ -146,6 +218,8 @@ def build_calibration(
             )
         if data.numel() == 0:
             raise CalibrationError("calibration_data is an empty tensor")
+        check_seq_len(data.shape[1], limits)
+        check_token_ids(data, limits, "the token tensor")
         record = {"source": "token tensor", "num_samples": data.shape[0], "seq_len": data.shape[1]}
         return CalibrationSet(data.long(), record)
     if tokenizer is None:
@@ -156,6 +230,7 @@ def build_calibration(
     if isinstance(data, (list, tuple)):
         if not data or not all(isinstance(t, str) for t in data):
             raise CalibrationError("calibration_data as a list must hold non-empty strings")
-        return tokenize_windows("\n\n".join(data), tokenizer, num_samples, seq_len, seed, f"{len(data)} strings")
+        return tokenize_windows("\n\n".join(data), tokenizer, num_samples, seq_len, seed, f"{len(data)} strings",
+                                limits)
     text, source = load_text(data if data is not None else spec)
-    return tokenize_windows(text, tokenizer, num_samples, seq_len, seed, source)
+    return tokenize_windows(text, tokenizer, num_samples, seq_len, seed, source, limits)

@@ -15,7 +15,7 @@ import torch
 from transformers.utils import logging
 
 from ..errors import CalibrationError
-from .calibration import load_text
+from .calibration import check_seq_len, check_token_ids, load_text, model_limits
 
 logger = logging.get_logger(__name__)
 
@@ -59,8 +59,11 @@ def evaluate_perplexity(model: Any, tokenizer: Any, text_or_dataset: Any, seq_le
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    limits = model_limits(model)
+    check_seq_len(seq_len, limits)
     text = _text_of(text_or_dataset)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    check_token_ids(ids, limits, "the evaluation text")
     windows = ids.numel() // seq_len
     if max_windows is not None:
         windows = min(windows, max_windows)

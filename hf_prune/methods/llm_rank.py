@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import PruningConfigError
 from ..surgery.geometry import attention_geometry, attention_input_names, mlp_input_magnitude, operator
 from .base import LayerContext
 from .structured.base import StructuredConfig, StructuredPruner
@@ -70,14 +71,14 @@ class LLMRankConfig(StructuredConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.scope not in SCOPES:
-            raise ValueError(
-                f"scope must be 'chained' (LLM-Rank: importance flows through all MLPs) or 'isolated' "
+            raise PruningConfigError(
+                "scope", f"scope must be 'chained' (LLM-Rank: importance flows through all MLPs) or 'isolated' "
                 f"(MLP-Rank: each MLP alone), got {self.scope!r}"
             )
         for name in ("gamma", "theta"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+            if not 0 <= value <= 1:
+                raise PruningConfigError(name, f"{name} must be in [0, 1], got {value!r}")
             setattr(self, name, float(value))
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_NM_RE = re.compile(r"^\s*(\d{1,6})\s*:\s*(\d{1,6})\s*$")  # bounded: no 5000-digit int() on hostile input
 
 
 @dataclass(frozen=True)

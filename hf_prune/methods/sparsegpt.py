@@ -16,6 +16,7 @@ import torch
 
 from ..config import PruningConfig
 from ..engine.statistics import InputStatistics, StatKind
+from ..errors import PruningConfigError
 from .base import LayerPruner
 from .linalg import damped_cholesky_factors, dead_inputs
 from .patterns import Pattern, lowest_per_group, prune_count
@@ -34,17 +35,18 @@ class SparseGPTConfig(PruningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if self.block_size < 1:
+            raise PruningConfigError("block_size", f"block_size must be a positive integer, got {self.block_size!r}")
         pattern = self.parsed_pattern
         if pattern.is_nm and self.block_size % pattern.m:
-            raise ValueError(
-                f"block_size={self.block_size} must be a multiple of M={pattern.m} for pattern {pattern}: "
-                f"try block_size={pattern.m * max(1, self.block_size // pattern.m)}"
+            raise PruningConfigError(
+                "block_size", f"block_size={self.block_size} must be a multiple of M={pattern.m} for pattern "
+                f"{pattern}: try block_size={pattern.m * max(1, self.block_size // pattern.m)}"
             )
         if not self.dampening > 0:
-            raise ValueError(f"dampening must be > 0 (a share of the mean Hessian diagonal), got {self.dampening}")
-
+            raise PruningConfigError(
+                "dampening", f"dampening must be > 0 (a share of the mean Hessian diagonal), got {self.dampening}"
+            )
 
 
 def inverse_hessian_factor(gram: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:

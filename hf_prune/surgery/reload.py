@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import short_repr
 from ..errors import StructureMismatchError
 from ..walker.layout import DecoderLayout
 from .geometry import layer_sizes
@@ -26,6 +27,52 @@ LOADER_ADVICE = (
 )
 
 
+#: Most decoder layers a structure entry may list (far above any real model).
+MAX_LAYERS = 100_000
+#: Largest per-layer size or parameter count accepted (int64, as torch stores sizes).
+_MAX_SIZE = 2**63 - 1
+
+
+def _refuse(key: str, values: Any, expected: str) -> StructureMismatchError:
+    return StructureMismatchError(
+        f"pruning_config.structure{key} must be {expected}, got {short_repr(values)}. The record was edited or "
+        f"belongs to another model. {LOADER_ADVICE}"
+    )
+
+
+def _size_lists(entry: Any, key: str) -> dict[str, list[int]]:
+    if not isinstance(entry, dict):
+        raise _refuse(key, entry, f"a JSON object with the per-layer lists {list(SIZE_KEYS)}")
+    sizes: dict[str, list[int]] = {}
+    lengths = set()
+    for name in SIZE_KEYS:
+        values = entry.get(name)
+        if (not isinstance(values, list) or len(values) > MAX_LAYERS
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_SIZE for v in values)):
+            raise _refuse(f"{key}.{name}", values, "a list of non-negative integers, one per decoder layer")
+        sizes[name] = values
+        lengths.add(len(values))
+    if len(lengths) > 1:
+        raise _refuse(key, {k: len(v) for k, v in sizes.items()}, "lists of the same length (one entry per layer)")
+    return sizes
+
+
+def check_structure_entry(structure: Any) -> dict[str, list[int]]:
+    """Validate a record's ``structure`` entry (types, ranges, one entry per layer); return the kept sizes.
+
+    Raises ``StructureMismatchError`` for anything else, without reading the model.
+    """
+    sizes = _size_lists(structure, "")
+    dense = _size_lists(structure.get("dense"), ".dense")
+    if any(len(dense[k]) != len(sizes[k]) for k in SIZE_KEYS):
+        raise _refuse(".dense", structure.get("dense"), "as long as the kept sizes (one entry per layer)")
+    for name in ("parameters_before", "parameters_after"):
+        value = structure.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_SIZE:
+            raise _refuse(f".{name}", value, "a non-negative integer")
+    return sizes
+
+
 def recorded_structure(config: Any) -> dict[str, Any] | None:
     """The ``structure`` entry of a config's pruning record, if there is one."""
     record = getattr(config, "pruning_config", None)
@@ -35,21 +82,15 @@ def recorded_structure(config: Any) -> dict[str, Any] | None:
     return structure if structure else None
 
 
-def _sizes(structure: dict[str, Any], layers: int) -> dict[str, list[int]]:
-    sizes: dict[str, list[int]] = {}
-    for key in SIZE_KEYS:
-        values = structure.get(key)
-        if (not isinstance(values, list) or len(values) != layers
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)):
-            raise StructureMismatchError(
-                f"pruning_config.structure.{key} must list {layers} non-negative integers (one per decoder layer), "
-                f"got {values!r}. The record was edited or belongs to another model. {LOADER_ADVICE}"
-            )
-        sizes[key] = values
+def _sizes(structure: Any, layers: int) -> dict[str, list[int]]:
+    sizes = check_structure_entry(structure)
+    for key, values in sizes.items():
+        if len(values) != layers:
+            raise _refuse(f".{key}", values, f"a list of {layers} non-negative integers (one per decoder layer)")
     return sizes
 
 
-def apply_structure(model: nn.Module, structure: dict[str, Any]) -> None:
+def apply_structure(model: nn.Module, structure: Any) -> None:
     """Shrink a freshly built (dense) model's layers to the sizes in ``structure``."""
     layout = DecoderLayout(model)
     sizes = _sizes(structure, len(layout))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..errors import SurgeryIndexError
 from ..walker.layout import DecoderLayout
 from .empty import mark_empty_input, mark_headless
 from .geometry import (
@@ -25,6 +26,8 @@ from .geometry import (
     mlp_rows,
     operator,
 )
+
+_INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 class LayerConfigView:
@@ -54,11 +57,34 @@ class LayerConfigView:
 
 
 def as_index(keep: Any, width: int, what: str) -> torch.Tensor:
-    """``keep`` as a sorted, duplicate-free LongTensor of indices in ``[0, width)``."""
-    index = torch.as_tensor(keep, dtype=torch.long, device="cpu").reshape(-1)
-    index = torch.unique(index, sorted=True)
+    """``keep`` as a sorted, duplicate-free LongTensor of indices in ``[0, width)``.
+
+    ``keep`` is either indices (an integer tensor, array or sequence) or a boolean mask of
+    exactly ``width`` entries (``True`` = keep). Anything else (floats, a mask of another
+    length, indices out of range) raises ``SurgeryIndexError`` rather than being truncated.
+    """
+    if isinstance(keep, (list, tuple, range)) and len(keep) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    try:
+        tensor = torch.as_tensor(keep, device="cpu")
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise SurgeryIndexError(f"{what} to keep must be integer indices or a boolean mask, got "
+                                f"{type(keep).__name__} ({err})") from None
+    if tensor.dtype == torch.bool:
+        if tensor.dim() != 1 or tensor.numel() != width:
+            raise SurgeryIndexError(
+                f"a boolean mask of the {what} to keep must have exactly {width} entries (one per unit), got shape "
+                f"{tuple(tensor.shape)}"
+            )
+        return tensor.nonzero().reshape(-1)
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype not in _INDEX_DTYPES:
+        raise SurgeryIndexError(
+            f"{what} to keep must be integer indices or a boolean mask, got dtype {tensor.dtype}: floats are not "
+            "rounded; pass .long() indices or a bool mask"
+        )
+    index = torch.unique(tensor.reshape(-1).long(), sorted=True)
     if index.numel() and (int(index[0]) < 0 or int(index[-1]) >= width):
-        raise IndexError(f"{what} to keep must lie in [0, {width}), got {index.tolist()[:8]}...")
+        raise SurgeryIndexError(f"{what} to keep must lie in [0, {width}), got {index.tolist()[:8]}...")
     return index
 
 

@@ -33,9 +33,10 @@ from typing import Any, ClassVar
 import torch
 from transformers.utils import logging
 
-from ...config import PruningConfig
+from ...config import PruningConfig, short_repr
 from ...engine.host_memory import heap_for_temporaries
 from ...engine.statistics import InputStatistics, StatKind
+from ...errors import PruningConfigError
 from ..base import LayerContext, LayerPruner
 from ..patterns import Pattern
 from ..registry import config_class
@@ -98,62 +99,65 @@ class BarberConfig(PruningConfig):
         super().__post_init__()
         self.initial = self._resolve_initial(self.initial)
         if self.rebuild not in REBUILDS:
-            raise ValueError(f"rebuild must be one of {REBUILDS}, got {self.rebuild!r}")
+            raise PruningConfigError("rebuild", f"rebuild must be one of {REBUILDS}, got {self.rebuild!r}")
         if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+            raise PruningConfigError("granularity", f"granularity must be one of {GRANULARITIES}, got "
+                                     f"{self.granularity!r}")
         if self.rebuild == "swaps" and self.granularity != "row":
-            raise ValueError(
-                f"granularity={self.granularity!r} applies to rebuild='gradient'; the exact swaps pair weights "
-                "within rows: use granularity='row' or rebuild='gradient'"
+            raise PruningConfigError(
+                "granularity", f"granularity={self.granularity!r} applies to rebuild='gradient'; the exact swaps "
+                "pair weights within rows: use granularity='row' or rebuild='gradient'"
             )
         if self.parsed_pattern.is_nm and self.granularity != "row":
-            raise ValueError(
-                f"granularity={self.granularity!r} moves weights between rows and N:M groups, which breaks the "
-                f"{self.pattern} pattern: use granularity='row' with an N:M pattern"
+            raise PruningConfigError(
+                "granularity", f"granularity={self.granularity!r} moves weights between rows and N:M groups, which "
+                f"breaks the {self.pattern} pattern: use granularity='row' with an N:M pattern"
             )
         if self.threshold is None:
             swaps = self.rebuild == "swaps"
             self.threshold = DEFAULT_SWAP_THRESHOLD if swaps else DEFAULT_THRESHOLDS[self.initial.method]
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
-            0.0 <= self.threshold <= 1.0
-        ):
-            raise ValueError(
-                f"threshold must be a share in [0, 1] of the swappable weight pairs, got {self.threshold!r}; "
-                f"the paper uses {DEFAULT_THRESHOLDS}"
+        if not 0.0 <= self.threshold <= 1.0:
+            raise PruningConfigError(
+                "threshold", f"threshold must be a share in [0, 1] of the swappable weight pairs, got "
+                f"{self.threshold!r}; the paper uses {DEFAULT_THRESHOLDS}"
             )
         self.threshold = float(self.threshold)
-        if not isinstance(self.keep_initial_updates, bool):
-            raise ValueError(f"keep_initial_updates must be True or False, got {self.keep_initial_updates!r}")
-        if isinstance(self.grad_batch_size, bool) or not isinstance(self.grad_batch_size, int) or (
-            self.grad_batch_size < 1
-        ):
-            raise ValueError(f"grad_batch_size must be a positive integer, got {self.grad_batch_size!r}")
+        if self.grad_batch_size < 1:
+            raise PruningConfigError("grad_batch_size", f"grad_batch_size must be a positive integer, got "
+                                     f"{self.grad_batch_size!r}")
+
+    @staticmethod
+    def _check_initial_name(name: object) -> None:
+        """Refuse a starting method other than Wanda, SparseGPT or magnitude (before building its config,
+        so a record nesting Barber configs inside ``initial`` is refused at the first level)."""
+        if not isinstance(name, str) or name not in DEFAULT_THRESHOLDS:
+            raise PruningConfigError(
+                "initial", f"initial={short_repr(name)} is not a starting method for LLM-Barber: initial must be "
+                f"one of {sorted(DEFAULT_THRESHOLDS)} (a name or its config)"
+            )
 
     def _resolve_initial(self, initial: Any) -> PruningConfig:
         """The starting method's config, with this config's shared fields."""
         if initial is None:
             initial = "wanda"
         if isinstance(initial, str):
-            if initial not in DEFAULT_THRESHOLDS:
-                raise ValueError(
-                    f"initial={initial!r} is not a starting method for LLM-Barber; use one of "
-                    f"{sorted(DEFAULT_THRESHOLDS)}"
-                )
+            self._check_initial_name(initial)
             return config_class(initial)(**self._shared())
         if isinstance(initial, dict):
+            self._check_initial_name(initial.get("method"))
             initial = PruningConfig.from_dict(initial)
-        if not isinstance(initial, PruningConfig) or initial.method not in DEFAULT_THRESHOLDS:
-            name = getattr(initial, "method", type(initial).__name__)
-            raise ValueError(
-                f"initial must be one of {sorted(DEFAULT_THRESHOLDS)} (a name or its config), got {name!r}"
-            )
+        if not isinstance(initial, PruningConfig):
+            raise PruningConfigError("initial", f"initial must be one of {sorted(DEFAULT_THRESHOLDS)} (a name or "
+                                     f"its config), got {short_repr(initial)}")
+        self._check_initial_name(initial.method)
         defaults = PruningConfig.__dataclass_fields__
         for name, value in self._shared().items():
             mine, default = getattr(initial, name), defaults[name].default
             if name != "owl" and mine != value and mine != default:
-                raise ValueError(
-                    f"initial.{name}={mine!r} differs from this config's {name}={value!r}: set {name} on "
-                    "BarberConfig only (it applies to the starting method too)"
+                raise PruningConfigError(
+                    f"initial.{name}", f"initial.{name}={short_repr(mine)} differs from this config's "
+                    f"{name}={short_repr(value)}: set {name} on BarberConfig only (it applies to the starting method "
+                    "too)"
                 )
         return dataclasses.replace(initial, **self._shared())
 
@@ -166,9 +170,9 @@ class BarberConfig(PruningConfig):
     @classmethod
     def _decode_fields(cls, kwargs: dict[str, Any]) -> PruningConfig:
         if isinstance(kwargs.get("initial"), dict):
+            cls._check_initial_name(kwargs["initial"].get("method"))
             kwargs = {**kwargs, "initial": PruningConfig.from_dict(kwargs["initial"])}
         return cls(**kwargs)
-
 
 
 def _swap_in_groups(scores: torch.Tensor, pruned: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -29,7 +29,6 @@ sequential engine instead (each layer calibrated on the pruned layers before it)
 from __future__ import annotations
 
 import copy
-import math
 import threading
 from dataclasses import dataclass
 from typing import ClassVar
@@ -38,12 +37,12 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ...config import PruningConfig
+from ...config import PruningConfig, check_device
 from ...engine.collector import StatisticsCollector
 from ...engine.forward import StopForward, UntilStopped
 from ...engine.host_memory import heap_for_temporaries
 from ...engine.statistics import InputStatistics, StatKind
-from ...errors import LambdaSearchError
+from ...errors import LambdaSearchError, PruningConfigError
 from ...walker.layout import Operator
 from ..base import LayerContext, LayerPruner
 from ..linalg import damped_cholesky_factors, dead_inputs
@@ -60,10 +59,10 @@ LAYER_INPUTS = ("dense", "pruned")
 __all__ = ["FISTAConfig", "FISTAPruner", "LambdaSearchError"]
 
 
-def _positive_int(value: object, name: str, allow_zero: bool = False) -> None:
+def _positive_int(value: int, name: str, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if value < low:
+        raise PruningConfigError(name, f"{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass
@@ -116,44 +115,50 @@ class FISTAConfig(PruningConfig):
     layer_inputs: str = "dense"
     devices: list[str] | None = None
 
+    def _normalize_fields(self) -> None:
+        super()._normalize_fields()
+        if isinstance(self.devices, str):
+            self.devices = [self.devices]
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.warm_start is not None and self.warm_start not in WARM_STARTS:
-            raise ValueError(f"warm_start must be one of {WARM_STARTS} or None, got {self.warm_start!r}")
-        if not isinstance(self.error_correction, bool):
-            raise ValueError(f"error_correction must be True or False, got {self.error_correction!r}")
-        if not isinstance(self.strict_lambda, bool):
-            raise ValueError(f"strict_lambda must be True or False, got {self.strict_lambda!r}")
+            raise PruningConfigError("warm_start", f"warm_start must be one of {WARM_STARTS} or None, got "
+                                     f"{self.warm_start!r}")
         _positive_int(self.max_iters, "max_iters")
         _positive_int(self.lambda_steps, "lambda_steps", allow_zero=True)
         _positive_int(self.refine_iters, "refine_iters", allow_zero=True)
-        for name in ("tol", "error_share", "dampening", "ridge"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-                raise ValueError(f"{name} must be a number, got {value!r}")
         if not self.tol > 0:
-            raise ValueError(f"tol must be > 0, got {self.tol}")
+            raise PruningConfigError("tol", f"tol must be > 0, got {self.tol}")
         if not 0 < self.error_share < 1:
-            raise ValueError(
-                f"error_share must be in (0, 1) (the share of the final error added by rounding; the paper "
-                f"uses 0.3), got {self.error_share}"
+            raise PruningConfigError(
+                "error_share", f"error_share must be in (0, 1) (the share of the final error added by rounding; the "
+                f"paper uses 0.3), got {self.error_share}"
             )
         if not self.dampening > 0:
-            raise ValueError(f"dampening must be > 0 (a share of the mean Gram diagonal), got {self.dampening}")
+            raise PruningConfigError(
+                "dampening", f"dampening must be > 0 (a share of the mean Gram diagonal), got {self.dampening}"
+            )
         if self.ridge < 0:
-            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+            raise PruningConfigError("ridge", f"ridge must be >= 0, got {self.ridge}")
         if self.solver_dtype not in SOLVER_DTYPES:
-            raise ValueError(f"solver_dtype must be one of {sorted(SOLVER_DTYPES)}, got {self.solver_dtype!r}")
+            raise PruningConfigError("solver_dtype", f"solver_dtype must be one of {sorted(SOLVER_DTYPES)}, got "
+                                     f"{self.solver_dtype!r}")
         if self.layer_inputs not in LAYER_INPUTS:
-            raise ValueError(f"layer_inputs must be one of {LAYER_INPUTS}, got {self.layer_inputs!r}")
-        if isinstance(self.devices, str):
-            self.devices = [self.devices]
+            raise PruningConfigError("layer_inputs", f"layer_inputs must be one of {LAYER_INPUTS}, got "
+                                     f"{self.layer_inputs!r}")
         if self.devices is not None:
-            if not self.devices or not all(isinstance(d, str) and d for d in self.devices):
-                raise ValueError(f"devices must be a non-empty list of device names such as 'cuda:0', "
-                                 f"got {self.devices!r}")
+            if not self.devices or not all(self.devices):
+                raise PruningConfigError("devices", f"devices must be a non-empty list of device names such as "
+                                         f"'cuda:0', got {self.devices!r}")
+            for device in self.devices:
+                if device == "auto":
+                    raise PruningConfigError("devices", "devices lists real devices such as 'cuda:0'; leave it "
+                                             "unset for every visible GPU")
+                check_device(device, "devices")
             if self.layer_inputs != "dense":
-                raise ValueError("devices spreads independent layers, which needs layer_inputs='dense'")
+                raise PruningConfigError("devices", "devices spreads independent layers, which needs "
+                                         "layer_inputs='dense'")
 
     def solver_settings(self) -> SolverSettings:
         return SolverSettings(

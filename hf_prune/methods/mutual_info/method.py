@@ -32,7 +32,6 @@ output bias, when there is one, ``+= γ W_out[:, r]``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -40,6 +39,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from ...errors import PruningConfigError
 from ...surgery.geometry import operator
 from ..base import LayerContext
 from ..structured.base import StructuredConfig, StructuredPruner, kept_count
@@ -106,34 +106,35 @@ class MutualInfoConfig(StructuredConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.estimator not in ESTIMATORS:
-            raise ValueError(
-                f"estimator must be 'gaussian' (correlation-based, fast) or 'renyi' (matrix-based Rényi "
+            raise PruningConfigError(
+                "estimator", f"estimator must be 'gaussian' (correlation-based, fast) or 'renyi' (matrix-based Rényi "
                 f"α-entropy with a Gaussian kernel), got {self.estimator!r}"
             )
-        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
-                or not math.isfinite(self.alpha) or self.alpha <= 0):
-            raise ValueError(f"alpha must be a positive number (the Rényi entropy order, e.g. 2), got {self.alpha!r}")
-        self.alpha = float(self.alpha)
+        if self.alpha <= 0:
+            raise PruningConfigError(
+                "alpha", f"alpha must be a positive number (the Rényi entropy order, e.g. 2), got {self.alpha!r}"
+            )
         if self.num_tokens is None:
             self.num_tokens = DEFAULT_TOKENS[self.estimator]
-        if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) or self.num_tokens < 2:
-            raise ValueError(f"num_tokens must be an integer >= 2 (tokens sampled per layer), got {self.num_tokens!r}")
-        if self.bandwidth not in BANDWIDTH_RULES:
-            raise ValueError(f"bandwidth must be one of {BANDWIDTH_RULES}, got {self.bandwidth!r}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(
-                f"selection must be 'weighted' (mutual information weighted by each neuron's output energy) or "
-                f"'redundancy' (the paper's order: highest mutual information first), got {self.selection!r}"
+        if self.num_tokens < 2:
+            raise PruningConfigError(
+                "num_tokens", f"num_tokens must be an integer >= 2 (tokens sampled per layer), got {self.num_tokens!r}"
             )
-        if not isinstance(self.compensate, bool):
-            raise ValueError(f"compensate must be True or False, got {self.compensate!r}")
+        if self.bandwidth not in BANDWIDTH_RULES:
+            raise PruningConfigError("bandwidth", f"bandwidth must be one of {BANDWIDTH_RULES}, got "
+                                     f"{self.bandwidth!r}")
+        if self.selection not in SELECTIONS:
+            raise PruningConfigError(
+                "selection", f"selection must be 'weighted' (mutual information weighted by each neuron's output "
+                f"energy) or 'redundancy' (the paper's order: highest mutual information first), got "
+                f"{self.selection!r}"
+            )
         if self.heads:
-            raise ValueError(
-                "MutualInfoConfig scores MLP neurons only; to remove attention heads too, prune them first with "
-                "LLMRankConfig(heads=True, ...) or L1NormStructuredConfig(heads=True, ...), then run this with "
+            raise PruningConfigError(
+                "heads", "MutualInfoConfig scores MLP neurons only; to remove attention heads too, prune them first "
+                "with LLMRankConfig(heads=True, ...) or L1NormStructuredConfig(heads=True, ...), then run this with "
                 "heads=False"
             )
-
 
 
 def estimate_mutual_information(x: torch.Tensor, config: MutualInfoConfig,
@@ -310,7 +311,7 @@ class MutualInfoPruner(StructuredPruner):
             raise ValueError("mutual-info needs calibration data: pass calibration_data= or a tokenizer")
         total = context.inputs.shape[0] * context.inputs.shape[1]
         down = operator(context.layout, context.index, context.layout.spec.mlp_out)
-        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + context.index)
+        generator = torch.Generator().manual_seed((self.config.seed * 1_000_003 + context.index) % 2**63)
         count = min(self.config.num_tokens, total)
         positions = torch.randperm(total, generator=generator)[:count].sort().values
         self.sample = TokenSample(down.module, positions, down.in_features, context.device)

@@ -16,6 +16,7 @@ import torch
 
 from ...config import PruningConfig
 from ...engine.statistics import InputStatistics, StatKind
+from ...errors import PruningConfigError
 from ...surgery.geometry import attention_geometry, attention_input_names, operator
 from ...surgery.shrink import shrink_attention, shrink_mlp
 from ...walker.layout import Operator
@@ -48,40 +49,42 @@ class StructuredConfig(PruningConfig):
     round_to: int = 8
 
     def __post_init__(self) -> None:
+        self._check_types()  # amount and sparsity are compared before the shared checks run
         amount = self.amount if self.amount is not None else self.sparsity
         amount = DEFAULT_AMOUNT if amount is None else amount
         if (self.amount is not None and self.sparsity is not None
-                and not math.isclose(float(self.amount), float(self.sparsity), abs_tol=1e-9)):
-            raise ValueError(
-                f"amount={self.amount} and sparsity={self.sparsity} differ: structured methods remove a share "
-                "`amount` of the MLP neurons and record it as sparsity; pass only amount"
+                and not math.isclose(self.amount, self.sparsity, abs_tol=1e-9)):
+            raise PruningConfigError(
+                "amount", f"amount={self.amount} and sparsity={self.sparsity} differ: structured methods remove a "
+                "share `amount` of the MLP neurons and record it as sparsity; pass only amount"
             )
         self.amount = amount
         self.sparsity = amount
         if self.pattern != "unstructured":
-            raise ValueError(
-                f"pattern={self.pattern!r} does not apply to {type(self).__name__}: it removes whole neurons and "
-                "heads. To add an N:M pattern, prune again afterwards with e.g. WandaConfig(pattern='2:4')"
+            raise PruningConfigError(
+                "pattern", f"pattern={self.pattern!r} does not apply to {type(self).__name__}: it removes whole "
+                "neurons and heads. To add an N:M pattern, prune again afterwards with e.g. WandaConfig(pattern='2:4')"
             )
-        if isinstance(self.amount, bool) or not isinstance(self.amount, (int, float)) or not 0 <= self.amount < 1:
-            raise ValueError(f"amount must be in [0, 1) (the share of MLP neurons removed), got {self.amount!r}")
+        if not 0 <= self.amount < 1:
+            raise PruningConfigError(
+                "amount", f"amount must be in [0, 1) (the share of MLP neurons removed), got {self.amount!r}"
+            )
         super().__post_init__()
-        self.amount = float(self.amount)
-        if self.head_amount is not None and (isinstance(self.head_amount, bool)
-                                             or not isinstance(self.head_amount, (int, float))
-                                             or not 0 <= self.head_amount < 1):
-            raise ValueError(f"head_amount must be None or in [0, 1), got {self.head_amount!r}")
-        if not isinstance(self.heads, bool):
-            raise ValueError(f"heads must be True or False, got {self.heads!r}")
-        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
-            raise ValueError(f"round_to must be a positive integer (1 = no rounding), got {self.round_to!r}")
+        if self.head_amount is not None and not 0 <= self.head_amount < 1:
+            raise PruningConfigError("head_amount", f"head_amount must be None or in [0, 1), got {self.head_amount!r}")
+        if self.round_to < 1:
+            raise PruningConfigError(
+                "round_to", f"round_to must be a positive integer (1 = no rounding), got {self.round_to!r}"
+            )
         if self.targets is not None:
-            raise ValueError(
-                f"{type(self).__name__} chooses its operators itself (MLP neurons, plus attention heads with "
-                "heads=True); leave targets unset"
+            raise PruningConfigError(
+                "targets", f"{type(self).__name__} chooses its operators itself (MLP neurons, plus attention heads "
+                "with heads=True); leave targets unset"
             )
         if self.owl is not None:
-            raise ValueError(f"owl sets unstructured per-layer sparsities and does not apply to {type(self).__name__}")
+            raise PruningConfigError(
+                "owl", f"owl sets unstructured per-layer sparsities and does not apply to {type(self).__name__}"
+            )
 
     @property
     def effective_head_amount(self) -> float:
