@@ -48,3 +48,19 @@ class SparseKernelError(HfPruneError, RuntimeError):
 
 class LambdaSearchError(HfPruneError, ValueError):
     """FISTAPruner's lambda search did not bracket the requested error share (strict mode)."""
+
+
+class ModelNotFoundError(HfPruneError, FileNotFoundError):
+    """``--model`` / ``from_pretrained`` names neither an existing local path nor a loadable hub model."""
+
+
+class OutputDirectoryError(HfPruneError, ValueError):
+    """The output directory is the source model's directory, or holds files that would be overwritten."""
+
+
+class PatternWidthError(HfPruneError, ValueError):
+    """An N:M pattern's M does not divide the input width of a targeted operator."""
+
+
+class MissingTokenizerError(HfPruneError, ValueError):
+    """A model directory holds no tokenizer, and one is needed (calibration or evaluation text)."""

@@ -9,14 +9,27 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import OutputDirectoryError
+
 _WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model", "compressed")
+
+#: files any saved tokenizer writes at least one of (fast, sentencepiece or BPE vocabulary)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def source_directories(path: str | os.PathLike) -> set[str]:
+    """The real path of the directory a model is loaded from (a file's folder), if it exists locally."""
+    source = Path(os.fspath(path)).expanduser()
+    if source.is_file():
+        source = source.parent
+    return {os.path.realpath(source)} if source.exists() else set()
 
 
 def check_not_source(save_directory: str | os.PathLike, sources: set[str]) -> None:
     """Refuse to write into the directory the model was loaded from."""
-    target = os.path.realpath(save_directory)
+    target = os.path.realpath(os.path.expanduser(os.fspath(save_directory)))
     if target in sources:
-        raise ValueError(
+        raise OutputDirectoryError(
             f"refusing to save into {save_directory}: it is the directory this model was loaded from, and "
             "overwriting it would lose the original weights. Choose another output directory"
         )
