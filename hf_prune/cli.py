@@ -90,7 +90,7 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
 def build_config(args: argparse.Namespace) -> PruningConfig:
     """The PruningConfig the ``prune`` arguments describe."""
     data: dict[str, Any] = {
-        "method": args.method,
+        "method": args.method or "wanda",
         "pattern": args.pattern,
         "calibration": args.calibration,
         "num_samples": args.num_samples,
@@ -140,21 +140,27 @@ def _check_output(args: argparse.Namespace, source: str) -> None:
         )
 
 
-def _check_shapes(source: str, kwargs: dict[str, Any], config: PruningConfig) -> Any:
+def _check_shapes(source: str, kwargs: dict[str, Any], config: PruningConfig) -> tuple[Any, bool]:
     """Load the model's config only and check ``config`` against a weightless skeleton of it.
 
     The pattern against every targeted operator's width, the targets, the device and the
     method's own checks run from shapes alone, before any weight, text or forward pass.
-    Returns the loaded model config, which the model is then built from.
+    Returns the loaded model config (the model is then built from it) and whether the check
+    ran: a config that cannot be built on the meta device is checked on the loaded model.
     """
     from .engine.loop import check_pruning_plan
     from .modeling import AutoPrunedModelForCausalLM, load_model_config
 
     model_config = load_model_config(source, **_hub_kwargs(kwargs))
-    with torch.device("meta"):
-        skeleton = AutoPrunedModelForCausalLM.from_config(model_config)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoPrunedModelForCausalLM.from_config(model_config)
+    except Exception as err:  # noqa: BLE001 - e.g. a quantized config: checked once the weights are loaded
+        logger.info("no weightless skeleton of %s (%s: %s); the shapes are checked once it is loaded", source,
+                    type(err).__name__, err)
+        return model_config, False
     check_pruning_plan(skeleton, config)
-    return model_config
+    return model_config, True
 
 
 def _load_tokenizer(source: str, kwargs: dict[str, Any]) -> Any:
@@ -208,7 +214,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = build_config(args)
     source, kwargs = _model_source(args)
     _check_output(args, source)
-    model_config = _check_shapes(source, kwargs, config)
+    model_config, shapes_checked = _check_shapes(source, kwargs, config)
     tokenizer = _load_tokenizer(source, kwargs) if config.uses_calibration or args.eval_text else None
     calibration = None
     if config.uses_calibration:
@@ -217,6 +223,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _check_eval_text(tokenizer, args)
 
     model = AutoPrunedModelForCausalLM.from_pretrained(source, config=model_config, **kwargs)
+    if not shapes_checked:
+        from .engine.loop import check_pruning_plan
+
+        check_pruning_plan(model, config)
     results: dict[str, Any] = {"model": args.model or BUNDLED_NAME, "pruning_config": config.to_dict()}
     if args.eval_text:
         results["perplexity_before"] = _perplexity(model, tokenizer, args)

@@ -219,8 +219,11 @@ class PrunedModelForCausalLM:
         if tokenizer is False:
             return None
         if tokenizer is not None:
+            if not hasattr(tokenizer, "save_pretrained"):
+                raise TypeError(f"tokenizer= must be a transformers tokenizer (with save_pretrained) or False, got "
+                                f"{type(tokenizer).__name__}")
             return tokenizer
-        if getattr(self, "_hf_prune_tokenizer", None) is not None:
+        if hasattr(getattr(self, "_hf_prune_tokenizer", None), "save_pretrained"):
             return self._hf_prune_tokenizer
         if getattr(self, "_hf_prune_tokenizer_source", None) is None:
             return None  # built from a config: nothing to load a tokenizer from

@@ -131,3 +131,14 @@ def test_folder_without_a_tokenizer_says_how_to_add_one(tiny, tmp_path, no_long_
     assert _prune(bare, text) == 2
     line = _one_line_error(capsys)
     assert "holds no tokenizer" in line and "tokenizer.save_pretrained" in line
+
+
+def test_pattern_is_checked_on_the_loaded_model_when_no_skeleton_can_be_built(tiny, no_long_pass, monkeypatch,
+                                                                               capsys):
+    def no_skeleton(*args, **kwargs):
+        raise RuntimeError("this config cannot be built on the meta device")
+
+    monkeypatch.setattr("hf_prune.modeling.AutoPrunedModelForCausalLM.from_config", no_skeleton)
+    source, text = tiny
+    assert _prune(source, text, "--pattern", "2:5") == 2
+    assert "not a multiple of M=5" in _one_line_error(capsys)
