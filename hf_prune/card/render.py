@@ -317,11 +317,9 @@ def install_hint() -> Markup:
     """How to install hf_prune, which is not on PyPI: a pip line from the git repository when known."""
     found = installed_from()
     if found is None:
-        return Markup("hf_prune is not on PyPI; install it from a copy of its source with ") + code_span(
-            "pip install ./hf_prune")
+        return Markup("not on PyPI: ") + code_span("pip install ./hf_prune") + Markup(" from a copy of its source")
     url, commit = found
-    target = f"hf_prune @ git+{url}" + (f"@{commit}" if commit else "")
-    return Markup("install it with ") + code_span(f'pip install "{target}"')
+    return code_span(f'pip install "hf_prune @ git+{url}' + (f"@{commit}" if commit else "") + '"')
 
 
 def _load_snippets(repo: str) -> tuple[Markup, Markup]:
