@@ -55,3 +55,17 @@ def test_zeroing_runs_reads_the_record_chain():
     mixed = {"method": "wanda", "sparsity": 0.5, "structure": {"mlp_neurons": [64]}, "previous": [structured]}
     assert zeroing_runs(mixed) == 1
     assert zeroing_runs({"method": "wanda", "sparsity": 0.5}) == 1
+
+
+def test_summary_counts_emptied_layers_and_abbreviates_large_counts():
+    from hf_prune.report import StructureSummary
+
+    summary = StructureSummary(
+        kept={"mlp_neurons": [0, 768], "attention_heads": [0, 9], "kv_heads": [0, 3]},
+        dense={"mlp_neurons": [1536, 1536], "attention_heads": [9, 9], "kv_heads": [3, 3]},
+        parameters_before=134_515_008, parameters_after=110_510_400,
+    )
+    assert summary.layers == (1, 2)
+    assert summary.describe() == ("removed 75.0% of MLP neurons (2304 of 3072), 9 of 18 attention heads, "
+                                  "3 of 6 KV heads, 1 of 2 layers; parameters 134.5M -> 110.5M (0.822x)")
+    assert summary.to_dict()["layers"] == {"kept": 1, "dense": 2}
