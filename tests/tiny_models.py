@@ -48,3 +48,23 @@ def tiny_model(family: str, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoPrunedModelForCausalLM.from_config(tiny_config(family))
     return model.eval()
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer with ids below ``VOCAB`` (printable ASCII, one id per character), which
+    ``AutoTokenizer.from_pretrained`` loads back from a folder it was saved to."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    characters = [chr(code) for code in range(33, 127)]
+    vocab = {c: i for i, c in enumerate(characters)} | {"[UNK]": len(characters)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def save_tiny(directory: Path, family: str = "qwen3", seed: int = 0) -> Path:
+    """A tiny random model of ``family`` and its tokenizer saved to ``directory``: a complete local model."""
+    tiny_model(family, seed).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory

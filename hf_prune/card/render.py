@@ -271,6 +271,57 @@ def _evaluation(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
+def installed_from() -> tuple[str, str | None] | None:
+    """``(https URL, commit or None)`` of the git repository this hf_prune was installed from, if known.
+
+    Read from the installation's ``direct_url.json`` (pip records it for ``pip install git+URL``),
+    else from the package metadata's project URL. Local paths are never returned.
+    """
+    from importlib import metadata
+
+    try:
+        distribution = metadata.distribution("hf_prune")
+    except metadata.PackageNotFoundError:
+        return None
+    try:
+        direct = json.loads(distribution.read_text("direct_url.json") or "{}")
+    except ValueError:
+        direct = {}
+    vcs = direct.get("vcs_info") or {}
+    url = _public_url(direct.get("url"))
+    if url and vcs.get("vcs") == "git":
+        commit = str(vcs.get("commit_id") or "")
+        return url, commit if re.fullmatch(r"[0-9a-f]{7,64}", commit) else None
+    for entry in distribution.metadata.get_all("Project-URL") or []:
+        label, _, value = entry.partition(",")
+        if label.strip().lower() in ("source", "repository", "homepage") and _public_url(value.strip()):
+            return _public_url(value.strip()), None
+    home = _public_url(distribution.metadata.get("Home-page"))
+    return (home, None) if home else None
+
+
+def _public_url(value: Any) -> str | None:
+    """``value`` if it is a plain https URL, with any user name or token removed; else ``None``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not isinstance(value, str) or not value.startswith("https://") or any(c.isspace() for c in value):
+        return None
+    parts = urlsplit(value)
+    if not parts.hostname:
+        return None
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(("https", host, parts.path, "", ""))
+
+
+def install_hint() -> Markup:
+    """How to install hf_prune, which is not on PyPI: a pip line from the git repository when known."""
+    found = installed_from()
+    if found is None:
+        return Markup("not on PyPI: ") + code_span("pip install ./hf_prune") + Markup(" from a copy of its source")
+    url, commit = found
+    return code_span(f'pip install "hf_prune @ git+{url}' + (f"@{commit}" if commit else "") + '"')
+
+
 def _load_snippets(repo: str) -> tuple[Markup, Markup]:
     """How to load the model: with plain transformers, and with hf_prune."""
     plain = "\n".join([
@@ -334,6 +385,7 @@ def card_context(checkpoint: Checkpoint, info: CardInfo, plot: str | None) -> tu
         "evaluation": _evaluation(latest.get("evaluation")),
         "load_plain": load_plain,
         "load_hf_prune": load_hf_prune,
+        "install": install_hint(),
         "commands": code_block("\n".join(commands), "bash"),
         "command_caveats": caveats,
         "bundled": bool(source.get("bundled")),

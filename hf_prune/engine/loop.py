@@ -52,17 +52,33 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: CalibrationSet | None) -> PruningRun:
-    """Prune ``model`` in place, layer by layer, as ``config`` says."""
-    start_time = time.perf_counter()
-    return_freed_memory_to_os()  # activations of each layer are freed before the next: keep RSS flat
+def _plan(model: PreTrainedModel, config: PruningConfig
+          ) -> tuple[DecoderLayout, LayerPruner, list[list[Operator]], torch.device]:
     layout = DecoderLayout(model)
     pruner = config.make_pruner()
     targets = layout.all_targeted(config.targets)
     for ops in targets:
         for op in ops:
             pruner.validate(op)
-    device = resolve_device(config.device)
+    return layout, pruner, targets, resolve_device(config.device)
+
+
+def check_pruning_plan(model: PreTrainedModel, config: PruningConfig) -> None:
+    """Raise, before any calibration or forward pass, if ``config`` cannot be applied to ``model``.
+
+    Checks what the shapes alone decide: the architecture is supported, ``targets`` match
+    operators, every targeted operator's input width takes the pattern (N:M needs M to
+    divide it), the method accepts each operator, and the device exists. Only module
+    shapes are read, so ``model`` may be a skeleton on the ``meta`` device.
+    """
+    _plan(model, config)
+
+
+def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: CalibrationSet | None) -> PruningRun:
+    """Prune ``model`` in place, layer by layer, as ``config`` says."""
+    start_time = time.perf_counter()
+    return_freed_memory_to_os()  # activations of each layer are freed before the next: keep RSS flat
+    layout, pruner, targets, device = _plan(model, config)
     offload = OffloadStats() if is_offloaded(model) else None
     was_training = model.training
     model.eval()

@@ -24,8 +24,12 @@ from .patterns import Pattern, lowest_per_group, prune_count
 
 @dataclass
 class SparseGPTConfig(PruningConfig):
-    """SparseGPT. ``block_size``: columns per lazy update (a multiple of M for N:M);
-    ``dampening``: added to the Hessian diagonal as a share of its mean."""
+    """SparseGPT: prune column by column, updating the remaining weights to compensate (OBS).
+
+    Args:
+        block_size: columns per lazy update (a multiple of M for N:M patterns).
+        dampening: added to the Hessian diagonal, as a share of its mean.
+    """
 
     method: ClassVar[str] = "sparsegpt"
     paper: ClassVar[str] = "https://arxiv.org/abs/2301.00774"

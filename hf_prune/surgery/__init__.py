@@ -8,7 +8,7 @@ The model gets smaller and faster; per-layer sizes are recorded in
 from .geometry import AttentionGeometry, LayerSizes, attention_geometry, layer_sizes
 from .reload import LOADER_ADVICE, apply_structure, rebuild_recorded_structure
 from .shrink import shrink_attention, shrink_mlp
-from .structure import ModelShape, StructureReport, model_shape, structure_record, structure_report
+from .structure import ModelShape, StructureReport, model_shape, structure_record, structure_report, structure_summary
 
 __all__ = [
     "LOADER_ADVICE",
@@ -25,4 +25,5 @@ __all__ = [
     "shrink_mlp",
     "structure_record",
     "structure_report",
+    "structure_summary",
 ]

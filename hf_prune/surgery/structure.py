@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from ..report import count_parameters
+from ..report import StructureSummary, count_parameters
 from ..walker.layout import DecoderLayout
 from .geometry import LayerSizes, layer_sizes
 
@@ -90,3 +90,16 @@ def structure_report(model: nn.Module) -> StructureReport:
     if record:
         return StructureReport(shape, record["dense"], int(record["parameters_before"]))
     return StructureReport(shape, shape.lists(), shape.parameters)
+
+
+def structure_summary(model: nn.Module) -> StructureSummary | None:
+    """What structured pruning removed from ``model``, measured now against its record's dense sizes.
+
+    ``None`` when the pruning record holds no ``structure`` entry (no neuron or head was ever removed).
+    """
+    record = (getattr(model.config, "pruning_config", None) or {}).get("structure")
+    if not record:
+        return None
+    report = structure_report(model)
+    return StructureSummary(report.shape.lists(), {k: list(v) for k, v in report.dense.items() if k in SIZE_KEYS},
+                            report.parameters_before, report.parameters_after)

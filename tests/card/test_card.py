@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from tiny_models import VOCAB, tiny_model
+from tiny_models import VOCAB, save_tiny, tiny_model
 
 from hf_prune import MagnitudeConfig, PruningConfig, SparseGPTConfig, WandaConfig
 from hf_prune.card.markdown import escape_markdown
@@ -252,18 +252,8 @@ def test_custom_template(token_ids, tmp_path):
     assert card.text.strip() == "# x\n\n&lt;i&gt;hi&lt;/i&gt;" and "hf-prune" in card.data.tags
 
 
-def test_prune_cli_records_perplexities_in_the_card(tmp_path, monkeypatch):
-    source = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(source)
-
-    class ByteTokenizer:
-        def __call__(self, text, **kwargs):
-            return {"input_ids": [b % VOCAB for b in text.encode()]}
-
-        def save_pretrained(self, directory):
-            Path(directory, "tokenizer_marker.txt").write_text("tiny")
-
-    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: ByteTokenizer())
+def test_prune_cli_records_perplexities_in_the_card(tmp_path):
+    source = save_tiny(tmp_path / "tiny", "llama")
     text = tmp_path / "text.txt"
     text.write_text("evaluation text for the card test. " * 60)
     out = tmp_path / "out"

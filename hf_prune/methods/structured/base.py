@@ -30,6 +30,8 @@ class StructuredConfig(PruningConfig):
     """Fields shared by structured methods (MLP neurons, optionally attention heads).
 
     Args:
+        sparsity: for structured methods, the same as ``amount``: the share of MLP neurons
+            removed (``--sparsity`` on the command line sets it); default 0.3.
         amount: share of each layer's MLP neurons removed, in [0, 1), the same in every layer.
             ``sparsity`` mirrors it (pass either; they may not differ); ``pattern`` must stay
             ``"unstructured"``: nothing is zeroed, whole neurons leave the weights. The
