@@ -19,6 +19,7 @@ from .checkpoint.compressed import compress_checkpoint, compressed_layout, load_
 from .checkpoint.provenance import describe_source
 from .checkpoint.record import make_record, verify_record
 from .checkpoint.saving import check_not_source, staged_directory
+from .checkpoint.standard_config import standard_export, write_standard_config
 from .config import PruningConfig
 from .data.calibration import CalibrationInput, build_calibration
 from .engine.loop import prune_model
@@ -168,8 +169,10 @@ class PrunedModelForCausalLM:
         """Save as transformers does (safetensors, zeros baked in), atomically.
 
         Refuses the directory the model was loaded from; if anything fails, nothing is left
-        half-written in ``save_directory``. A pruned model also gets its model card
-        (``README.md``) and per-layer plot; ``model_card=False`` skips them, a
+        half-written in ``save_directory``. When structured pruning left every layer with the
+        same sizes, ``config.json`` states them in the family's own fields
+        (``hf_prune.checkpoint.standard_config``), so plain transformers and vLLM load it. A
+        pruned model also gets its model card (``README.md``) and per-layer plot; ``model_card=False`` skips them, a
         ``hf_prune.card.CardInfo`` adds what the record cannot know (base model, license, notes).
         ``compressed=True`` stores sparse weights as non-zero values plus a bitmask
         (``hf_prune.compressed``); such checkpoints load only with ``AutoPrunedModelForCausalLM``.
@@ -195,6 +198,13 @@ class PrunedModelForCausalLM:
             if shard_size is not None:  # transformers warns of its 50GB default shard, which does not apply here
                 warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
             super().save_pretrained(staging, *args, **kwargs)  # type: ignore[misc]
+            if self.is_pruned:  # uniform layer sizes go into the config's own fields (plain transformers, vLLM)
+                export = standard_export(self)  # type: ignore[arg-type]
+                if not export.standard:
+                    logger.warning("config.json keeps the dense layer sizes because %s; the per-layer sizes are in "
+                                   "its pruning record, so only hf_prune's AutoPrunedModelForCausalLM loads %s",
+                                   export.reason, save_directory)
+                write_standard_config(staging, export)
             if compressed:  # before the card, which reports the stored sizes and the loader to use
                 compress_checkpoint(staging)
             if model_card is not False and self.is_pruned:
