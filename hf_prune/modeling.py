@@ -154,7 +154,7 @@ class PrunedModelForCausalLM:
         previous = getattr(self.config, "pruning_config", None)
         self.config.pruning_config = make_record(
             config, calibration.record if calibration else None, run.layer_sparsity, report, previous,
-            structure=structure_record(self, shape_before, previous),  # type: ignore[arg-type]
+            structure=structure_record(self, shape_before, previous, run.kept_layers),  # type: ignore[arg-type]
         )
         self.config.pruning_config["source"] = source
         self.pruning_config = config
