@@ -40,7 +40,9 @@ from .base import LayerContext, LayerPruner, ModelContext
 logger = logging.get_logger(__name__)
 
 SCORES = ("angular", "block-influence", "skip-loss", "skip-kl")
-DEFAULT_SCORE = "angular"
+#: measured on SmolLM2-135M, 9 of 30 layers (README): within 5% of skip-kl's perplexity at 1/11 of its time,
+#: one layer at a time on the device; angular's contiguous block was 1.6x worse
+DEFAULT_SCORE = "block-influence"
 DEFAULT_AMOUNT = 0.25
 
 
@@ -52,10 +54,13 @@ class DepthConfig(PruningConfig):
         amount: share of the decoder layers removed, in [0, 1) (rounded to the nearest count);
             default 0.25 unless ``num_layers`` is given. ``sparsity`` mirrors it.
         num_layers: exact number of decoder layers removed (instead of ``amount``).
-        score: how layers are chosen: ``"angular"`` (the contiguous block whose input and output
-            differ least in angle), ``"block-influence"``, ``"skip-loss"`` or ``"skip-kl"`` (the
-            layers whose removal changes the calibration loss or the output distribution
-            least); see the module docstring.
+        score: how layers are chosen: ``"block-influence"`` (default: the layers whose output is
+            closest in angle to their input), ``"angular"`` (the contiguous block whose input and
+            output differ least in angle), ``"skip-loss"`` or ``"skip-kl"`` (the layers whose
+            removal changes the calibration loss or the output distribution least); see the
+            module docstring. Measured on SmolLM2-135M (9 of 30 layers removed, README):
+            skip-kl 87.7, block-influence 91.8, angular 145.5 perplexity, skip-kl taking 11x
+            the time of block-influence.
         score_tokens: calibration positions sampled (with ``seed``) to measure angular
             distances between non-adjacent layers; every position is used for adjacent ones.
         score_samples: calibration samples the whole model is run on, once per layer, for the
