@@ -242,6 +242,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     what = (f"{config.method} (structured, amount {config.sparsity:g})" if _is_structured(config)
             else f"{config.method} ({config.pattern})")
     print(f"pruned with {what} in {results['prune_seconds']:.1f}s: {report.summary()}")
+    structure = (model.config.pruning_config or {}).get("structure")
+    if structure:  # neurons, heads or layers were removed: say how much smaller the model is
+        results["parameters_before"] = structure["parameters_before"]
+        results["parameters_after"] = structure["parameters_after"]
+        results["decoder_layers"] = [len(structure["mlp_neurons"]), len(structure["dense"]["mlp_neurons"])]
+        print(f"parameters: {structure['parameters_after']:,} of {structure['parameters_before']:,} "
+              f"({structure['parameters_after'] / structure['parameters_before']:.4f}); decoder layers: "
+              f"{len(structure['mlp_neurons'])} of {len(structure['dense']['mlp_neurons'])}")
     if args.eval_text:
         results["perplexity_after"] = _perplexity(model, tokenizer, args)
         print(f"perplexity after:  {results['perplexity_after']:.3f}")

@@ -19,6 +19,7 @@ from .checkpoint.compressed import compress_checkpoint, compressed_layout, load_
 from .checkpoint.provenance import describe_source, is_repo_id
 from .checkpoint.record import make_record, validate_record, verify_record
 from .checkpoint.saving import check_not_source, source_directories, staged_directory
+from .checkpoint.standard_config import standard_export, write_standard_config
 from .config import PruningConfig
 from .data.calibration import CalibrationInput, CalibrationSet, build_calibration, model_limits
 from .engine.loop import check_pruning_plan, prune_model
@@ -197,7 +198,7 @@ class PrunedModelForCausalLM:
         previous = getattr(self.config, "pruning_config", None)
         self.config.pruning_config = make_record(
             config, calibration.record if calibration else None, run.layer_sparsity, report, previous,
-            structure=structure_record(self, shape_before, previous),  # type: ignore[arg-type]
+            structure=structure_record(self, shape_before, previous, run.kept_layers),  # type: ignore[arg-type]
         )
         self.config.pruning_config["source"] = source
         self.pruning_config = config
@@ -248,8 +249,10 @@ class PrunedModelForCausalLM:
         """Save as transformers does (safetensors, zeros baked in), atomically.
 
         Refuses the directory the model was loaded from; if anything fails, nothing is left
-        half-written in ``save_directory``. A pruned model also gets its model card
-        (``README.md``) and per-layer plot; ``model_card=False`` skips them, a
+        half-written in ``save_directory``. When structured pruning left every layer with the
+        same sizes, ``config.json`` states them in the family's own fields
+        (``hf_prune.checkpoint.standard_config``), so plain transformers and vLLM load it. A
+        pruned model also gets its model card (``README.md``) and per-layer plot; ``model_card=False`` skips them, a
         ``hf_prune.card.CardInfo`` adds what the record cannot know (base model, license, notes).
         ``compressed=True`` stores sparse weights as non-zero values plus a bitmask
         (``hf_prune.compressed``); such checkpoints load only with ``AutoPrunedModelForCausalLM``.
@@ -283,6 +286,13 @@ class PrunedModelForCausalLM:
             tokenizer = self._tokenizer_to_save(tokenizer)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
+            if self.is_pruned:  # uniform layer sizes go into the config's own fields (plain transformers, vLLM)
+                export = standard_export(self)  # type: ignore[arg-type]
+                if not export.standard:
+                    logger.warning("config.json keeps the dense layer sizes because %s; the per-layer sizes are in "
+                                   "its pruning record, so only hf_prune's AutoPrunedModelForCausalLM loads %s",
+                                   export.reason, save_directory)
+                write_standard_config(staging, export)
             if compressed:  # before the card, which reports the stored sizes and the loader to use
                 compress_checkpoint(staging)
             if model_card is not False and self.is_pruned:

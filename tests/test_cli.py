@@ -87,3 +87,18 @@ def test_max_memory_needs_a_device_map(saved_model, capsys):
     with pytest.raises(SystemExit, match="DEVICE=SIZE"):
         main(["prune", "--model", str(source), "--calibration", str(text), "--device-map", "auto",
               "--max-memory", "1GiB"])
+
+
+def test_depth_pruning_from_the_command_line(saved_model, tmp_path, capsys):
+    source, text = saved_model
+    out = tmp_path / "shallow"
+    code = main(["prune", "--model", str(source), "--method", "depth", "--param", "num_layers=1",
+                 "--param", "score=block-influence", "--calibration", str(text), "--num-samples", "4",
+                 "--seq-len", "64", "--device", "cpu", "--output", str(out), "--json"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "decoder layers: 1 of 2" in printed
+    results = json.loads(printed[printed.index("{"):])
+    assert results["decoder_layers"] == [1, 2] and results["parameters_after"] < results["parameters_before"]
+    model = AutoModelForCausalLM.from_pretrained(out)  # a standard, shallower checkpoint
+    assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1

