@@ -21,6 +21,7 @@ from .errors import (
     SparseKernelError,
     StructureMismatchError,
     UnsupportedArchitectureError,
+    UnsupportedOperatorError,
 )
 from .inference.sparse_kernels import SparseKernelReport, sparse_kernel_plan, to_sparse_kernels
 from .methods.barber.method import BarberConfig
@@ -64,6 +65,7 @@ __all__ = [
     "SparsityMasks",
     "StructureMismatchError",
     "UnsupportedArchitectureError",
+    "UnsupportedOperatorError",
     "WandaConfig",
     "__version__",
     "apply_lora",

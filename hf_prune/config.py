@@ -20,7 +20,7 @@ from .methods.registry import registered_methods as registered_methods
 # Keys that a saved pruning record carries beside the configuration itself.
 RECORD_KEYS = frozenset(
     {"method", "hf_prune_version", "calibration_used", "measured_sparsity", "layer_sparsity",
-     "structure", "previous", "source", "evaluation", "compressed"}
+     "structure", "previous", "source", "evaluation", "compressed", "experts"}
 )
 
 
@@ -65,6 +65,11 @@ class PruningConfig:
             them in one pass, which prunes each operator as soon as its inputs are known (one
             forward pass per layer, inputs already reflect the pruned operators before it).
             A smaller value lowers activation memory and uses two passes per layer.
+        expert_token_floor: mixture-of-experts models: an expert routed fewer calibration tokens
+            than this is pruned by magnitude (no data) instead of by the method's statistics;
+            the pruning record lists every expert's token count and those that fell back.
+        expert_gate_weighting: weight each token in an expert's statistics by the router's gate
+            value for it (how much of the expert's output the token receives).
     """
 
     method: ClassVar[str] = ""
@@ -81,6 +86,8 @@ class PruningConfig:
     device: str = "auto"
     owl: OWLSettings | None = None
     batch_size: int | None = None
+    expert_token_floor: int = 32
+    expert_gate_weighting: bool = False
 
     def __post_init__(self) -> None:
         pattern = parse_pattern(self.pattern)
@@ -114,6 +121,12 @@ class PruningConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer or None, got {self.batch_size!r}")
+        if isinstance(self.expert_token_floor, bool) or not isinstance(self.expert_token_floor, int) or (
+                self.expert_token_floor < 0):
+            raise ValueError(f"expert_token_floor must be a non-negative integer (calibration tokens), got "
+                             f"{self.expert_token_floor!r}")
+        if not isinstance(self.expert_gate_weighting, bool):
+            raise ValueError(f"expert_gate_weighting must be True or False, got {self.expert_gate_weighting!r}")
         if not isinstance(self.calibration, str) or not self.calibration:
             raise ValueError("calibration must be a dataset name or a file path")
         if not isinstance(self.device, str):

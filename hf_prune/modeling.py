@@ -156,6 +156,8 @@ class PrunedModelForCausalLM:
             structure=structure_record(self, shape_before, previous),  # type: ignore[arg-type]
         )
         self.config.pruning_config["source"] = source
+        if run.experts is not None:
+            self.config.pruning_config["experts"] = run.experts
         self.pruning_config = config
         logger.info("pruned with %s in %.1fs: overall sparsity %.4f", config.method, run.seconds, report.overall)
         return report

@@ -23,7 +23,7 @@ class PruningReport:
     def __str__(self) -> str:
         lines = [f"{'layer':>5}  {'sparsity':>8}"]
         lines += [f"{i:>5}  {s:>8.4f}" for i, s in enumerate(self.per_layer)]
-        lines.append(f"overall sparsity of decoder Linear weights: {self.overall:.4f} ({self.zeros}/{self.total})")
+        lines.append(f"overall sparsity of decoder operator weights: {self.overall:.4f} ({self.zeros}/{self.total})")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -35,7 +35,7 @@ class PruningReport:
 
 
 def measure_sparsity(model: nn.Module) -> PruningReport:
-    """Count zeros in every Linear/Conv1D weight inside the decoder layers."""
+    """Count zeros in every operator inside the decoder layers (Linear, Conv1D, each expert's slice)."""
     layout = DecoderLayout(model)
     per_module: dict[str, float] = {}
     per_layer: list[float] = []
@@ -44,8 +44,8 @@ def measure_sparsity(model: nn.Module) -> PruningReport:
     for index in range(len(layout)):
         layer_zeros = 0
         layer_count = 0
-        for op in layout.operators(index):
-            weight = read_parameter(op.module, "weight")  # offloaded weights are read from their store
+        for op in layout.operators(index, include_routers=True):  # routers count once `targets` pruned them
+            weight = op.stored_weight(read_parameter(op.module, op.parameter))  # offloaded: read from the store
             zeros = int((weight == 0).sum()) if weight.device.type != "meta" else 0
             per_module[op.name] = zeros / weight.numel() if weight.numel() else 0.0
             layer_zeros += zeros

@@ -62,6 +62,8 @@ def chunkable_blocks(spec: ArchitectureSpec) -> list[Block]:
     candidates = [(attention_in, spec.o, True), (spec.mlp_in, spec.mlp_out, False)]
     blocks = []
     for inputs, output, returns_tuple in candidates:
+        if output is None:
+            continue
         path = output.rpartition(".")[0]
         if path and inputs and all(name.rpartition(".")[0] == path for name in inputs):
             blocks.append(Block(path, inputs, output, returns_tuple))
@@ -122,7 +124,7 @@ def chunked_blocks(layout: DecoderLayout, index: int, targets: list[Operator],
     patched: list[tuple[nn.Module, Any]] = []
     if not layer.training:
         by_local = {op.local_name: op for op in targets}
-        for block in chunkable_blocks(layout.spec):
+        for block in chunkable_blocks(layout.layer_spec(index)):
             module = layout.submodule(index, block.path)
             patched.append((module, module.__dict__.get("forward")))  # accelerate keeps its hook on the instance
             module.forward = _chunked_forward(

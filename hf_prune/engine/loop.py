@@ -27,6 +27,7 @@ from ..methods.owl import owl_layer_sparsities
 from ..walker.layout import DecoderLayout, Operator
 from .activations import place_activations
 from .capture import LayerCall, capture_layer_inputs
+from .experts import expert_calibration_record
 from .host_memory import return_freed_memory_to_os
 from .layer_pass import layer_call, prune_layer, visit_layers
 from .offload import OffloadStats, is_offloaded
@@ -40,6 +41,7 @@ class PruningRun:
     layer_sparsity: list[float]
     seconds: float
     offload: OffloadStats | None = None
+    experts: dict | None = None  # per-expert calibration tokens and fallbacks (MoE), for the record
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -88,7 +90,9 @@ def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: Cali
                 _prune_sequentially(layout, targets, pruner, handed_over, calls, config, device, sparsities, offload)
     finally:
         model.train(was_training)
-    return PruningRun(sparsities, time.perf_counter() - start_time, offload)
+    experts = expert_calibration_record(targets, pruner.expert_tokens, pruner.expert_fallbacks,
+                                        config.expert_token_floor, config.expert_gate_weighting)
+    return PruningRun(sparsities, time.perf_counter() - start_time, offload, experts)
 
 
 def _prune_sequentially(layout: DecoderLayout, targets: list[list[Operator]], pruner: LayerPruner,

@@ -41,7 +41,7 @@ from transformers.utils import logging
 from ...config import PruningConfig
 from ...engine.host_memory import heap_for_temporaries
 from ...engine.statistics import InputStatistics
-from ...errors import LambdaSearchError
+from ...errors import LambdaSearchError, UnsupportedOperatorError
 from ...walker.layout import Operator
 from ..base import LayerContext, LayerPruner
 from ..patterns import mask_from_scores
@@ -258,6 +258,16 @@ class FISTAPruner(LayerPruner):
         self._lock = threading.Lock()
         #: per operator: (warm-start error, final error, ‖WX‖²/2, rows whose λ search did not bracket ξ)
         self.diagnostics: dict[str, tuple[float, float, float, int]] = {}
+
+    def validate(self, op: Operator) -> None:
+        super().validate(op)
+        if op.expert is not None:
+            raise UnsupportedOperatorError(
+                f"FISTAPruner cannot prune {op.name}, one expert's slice of a fused expert weight: its dense and "
+                "pruned inputs would have to come from the same routed tokens in two passes whose routers may "
+                "choose differently. Prune the experts with SparseGPT, Wanda or LLM-Barber (rebuild='swaps'), or "
+                "leave them to another run: targets=['*self_attn*', '*shared_expert*'] keeps FISTA off the experts"
+            )
 
     # -- one operator -------------------------------------------------------------------------
 
