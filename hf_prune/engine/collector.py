@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -46,6 +47,7 @@ class StatisticsCollector:
         # matches nothing, so a new tensor at a freed address cannot be taken for it)
         self._batch_inputs: list[tuple[weakref.ref[torch.Tensor], StatKind, InputStatistics]] = []
         self._kinds = {op.name: kind_for(op) for op in ops}
+        self._paused = False
         self._handles = [op.module.register_forward_pre_hook(self._hook_for(op)) for op in ops if op.expert is None]
         self._patched: list[tuple[nn.Module, object]] = []
         by_bank: dict[int, list[Operator]] = {}
@@ -61,9 +63,19 @@ class StatisticsCollector:
 
     def _hook_for(self, op: Operator):
         def hook(module: nn.Module, inputs: tuple) -> None:
-            self.observe_and_prune(op, inputs[0])
+            if not self._paused:
+                self.observe_and_prune(op, inputs[0])
 
         return hook
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """While active, the hooks ignore their inputs (a probe run of part of the layer)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def _observe(self, op: Operator, kind: StatKind, x: torch.Tensor, remember: bool = True) -> None:
         for seen, seen_kind, stats in self._batch_inputs:
