@@ -180,6 +180,7 @@ class DecoderLayout:
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.hidden_size = getattr(text_config, "hidden_size", None)
         self._banks: dict[int, tuple[list[tuple[str, str, ExpertBank]], list[str]]] = {}
+        self._spec: ArchitectureSpec | None = None
         if not any(self.operators(i, include_routers=True) or self._banks[i][1] for i in range(len(self))):
             layer = self.layers[0]
             params = ", ".join(f"{n} {tuple(p.shape)}" for n, p in list(layer.named_parameters())[:8])
@@ -316,11 +317,16 @@ class DecoderLayout:
 
     @property
     def spec(self) -> ArchitectureSpec:
-        """The roles every decoder layer shares, for structured methods.
+        """The roles every decoder layer shares, for structured methods (read once per layout).
 
         Raises ``UnsupportedArchitectureError`` naming what is missing when the layers differ
         (hybrid models), or have no dense MLP (mixtures of experts).
         """
+        if self._spec is None:
+            self._spec = self._shared_spec()
+        return self._spec
+
+    def _shared_spec(self) -> ArchitectureSpec:
         first = self.layer_spec(0)
         fused = first.fused_gate_up
         for index in range(1, len(self)):
