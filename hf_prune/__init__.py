@@ -25,6 +25,7 @@ from .errors import (
     StructureMismatchError,
     SurgeryIndexError,
     UnsupportedArchitectureError,
+    UnsupportedOperatorError,
 )
 from .inference.sparse_kernels import SparseKernelReport, sparse_kernel_plan, to_sparse_kernels
 from .methods.barber.method import BarberConfig
@@ -74,6 +75,7 @@ __all__ = [
     "StructureMismatchError",
     "SurgeryIndexError",
     "UnsupportedArchitectureError",
+    "UnsupportedOperatorError",
     "WandaConfig",
     "__version__",
     "apply_lora",

@@ -17,6 +17,11 @@ class UnsupportedArchitectureError(HfPruneError, ValueError):
     """The layer walker cannot find decoder layers or prunable weights in this model."""
 
 
+class UnsupportedOperatorError(HfPruneError, ValueError):
+    """A pruning method cannot prune this kind of operator (e.g. one expert's slice of a fused
+    expert weight); the message names the method, the operator and the ``targets`` that leave it out."""
+
+
 class CalibrationError(HfPruneError, ValueError):
     """Calibration or evaluation text cannot be loaded or is unusable."""
 

@@ -201,6 +201,8 @@ class PrunedModelForCausalLM:
             structure=structure_record(self, shape_before, previous, run.kept_layers),  # type: ignore[arg-type]
         )
         self.config.pruning_config["source"] = source
+        if run.experts is not None:
+            self.config.pruning_config["experts"] = run.experts
         self.pruning_config = config
         self._describe_removal(report)
         logger.info("pruned with %s in %.1fs: %s", config.method, run.seconds, report.summary())

@@ -171,8 +171,8 @@ def measure_sparsity(model: nn.Module) -> PruningReport:
     per_module: dict[str, float] = {}
     layer_zeros = [0] * len(DecoderLayout(unwrap_model(model)))
     layer_count = [0] * len(layer_zeros)
-    for op in decoder_operators(model):
-        weight = read_parameter(op.module, "weight")
+    for op in decoder_operators(model, include_routers=True):  # routers count once `targets` pruned them
+        weight = op.stored_weight(read_parameter(op.module, op.parameter))  # offloaded: read from the store
         zeros = int((weight == 0).sum()) if weight.device.type != "meta" else 0
         per_module[op.name] = zeros / weight.numel() if weight.numel() else 0.0
         layer_zeros[op.layer_index] += zeros

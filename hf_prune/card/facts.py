@@ -228,3 +228,30 @@ def runtimes(checkpoint: Checkpoint) -> list[dict[str, Any]]:
         ours = name == "hf_prune"
         rows.append({"name": name, "entry": entry, "loads": ours or why is None, "why": None if ours else why})
     return rows
+
+
+def expert_facts(record: dict[str, Any]) -> dict[str, Any] | None:
+    """What a run did with routed experts, from the record's ``experts`` entry (``None`` if no experts).
+
+    ``fallback`` holds one ``(bank, "experts 0, 3")`` pair per expert bank where an expert got
+    fewer calibration tokens than the floor and was pruned by the data-free rule instead.
+    """
+    entry = record.get("experts")
+    if not isinstance(entry, dict) or not isinstance(entry.get("banks"), dict):
+        return None
+    banks = entry["banks"]
+    counts = [n for bank in banks.values() for n in (bank.get("tokens") or []) if isinstance(n, int)]
+    fallback = [(name, "experts " + ", ".join(str(e) for e in bank.get("fallback") or []))
+                for name, bank in banks.items() if bank.get("fallback")]
+    return {
+        "banks": len(banks),
+        "experts": sum(len(bank.get("tokens") or []) for bank in banks.values()),
+        "uses_statistics": bool(entry.get("uses_statistics")),
+        "gate_weighting": bool(entry.get("gate_weighting")),
+        "floor": entry.get("token_floor"),
+        "rule": entry.get("fallback_rule", "magnitude"),
+        "fewest": min(counts) if counts else None,
+        "most": max(counts) if counts else None,
+        "fallback": fallback,
+        "fallback_count": sum(len(bank.get("fallback") or []) for bank in banks.values()),
+    }

@@ -30,6 +30,7 @@ from ..methods.patterns import parse_pattern
 from .facts import (
     Checkpoint,
     architecture_rows,
+    expert_facts,
     heads_removed,
     read_checkpoint,
     removed_units,
@@ -241,6 +242,7 @@ def _step_rows(chain: list[dict[str, Any]], shrinks: list[bool]) -> list[dict[st
             "pattern": record.get("pattern", "unstructured"),
             "sparsity": _percent(record.get("sparsity")),
             "owl": bool(record.get("owl")),
+            "experts": expert_facts(record),
             "structured": shrank,
             "units": ", ".join(removed_units(record.get("structure"), before)) if shrank else "",
             "targets": [code_span(t) for t in record.get("targets") or []],
@@ -251,10 +253,22 @@ def _step_rows(chain: list[dict[str, Any]], shrinks: list[bool]) -> list[dict[st
     return steps
 
 
+def _elements(tensors: dict[str, tuple[int, int]], name: str, modules: dict[str, Any]) -> int:
+    """Weight elements of a recorded module: its ``.weight``, or one expert's share of a fused expert
+    weight (recorded as ``<parameter>.<expert>``, one entry per expert)."""
+    if f"{name}.weight" in tensors:
+        return tensors[f"{name}.weight"][0]
+    parent, _, expert = name.rpartition(".")
+    if expert.isdigit() and parent in tensors:
+        experts = sum(1 for other in modules if other.rpartition(".")[0] == parent)
+        return tensors[parent][0] // max(experts, 1)
+    return 0
+
+
 def _sizes(checkpoint: Checkpoint, source: dict[str, Any]) -> dict[str, str]:
     chain = checkpoint.chain
     modules = (chain[-1].get("measured_sparsity") or {}).get("modules") or {}
-    zeros = sum(round(s * checkpoint.tensors.get(f"{name}.weight", (0, 0))[0]) for name, s in modules.items())
+    zeros = sum(round(s * _elements(checkpoint.tensors, name, modules)) for name, s in modules.items())
     structure = next((r["structure"] for r in reversed(chain) if r.get("structure")), {})
     before = source.get("parameters") or structure.get("parameters_before")
     after = checkpoint.parameters

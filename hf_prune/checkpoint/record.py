@@ -164,7 +164,7 @@ def recorded_sparsity(record: dict[str, Any] | None) -> dict[str, float]:
 def check_operator(op: Operator, expected: float | None, pattern: Pattern, advice: str) -> None:
     """Raise ``PruningRecordMismatchError`` if ``op`` has fewer zeros than ``expected`` or lost its N:M
     pattern (offloaded weights are read from their store)."""
-    weight = read_parameter(op.module, "weight").detach()
+    weight = op.stored_weight(read_parameter(op.module, op.parameter)).detach()
     if weight.device.type == "meta":
         raise ValueError(f"{op.name} is on the meta device: load the weights first")
     zeros = int((weight == 0).sum())

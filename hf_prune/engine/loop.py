@@ -27,6 +27,7 @@ from ..methods.owl import owl_layer_sparsities
 from ..walker.layout import DecoderLayout, Operator
 from .activations import place_activations
 from .capture import LayerCall, capture_layer_inputs
+from .experts import expert_calibration_record
 from .host_memory import return_freed_memory_to_os
 from .layer_pass import layer_call, prune_layer, visit_layers
 from .offload import OffloadStats, is_offloaded
@@ -42,6 +43,7 @@ class PruningRun:
     seconds: float
     offload: OffloadStats | None = None
     kept_layers: list[int] | None = None
+    experts: dict | None = None  # per-expert calibration tokens and fallbacks (MoE), for the record
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -109,11 +111,14 @@ def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: Cali
                                          config.batch_size or 1))
     finally:
         model.train(was_training)
+    experts = expert_calibration_record(targets, pruner.expert_tokens, pruner.expert_fallbacks,
+                                        config.expert_token_floor, config.expert_gate_weighting)
     remaining = {id(layer) for layer in layout.layers}
     kept = [index for index, layer in enumerate(layers_before) if id(layer) in remaining]
     if len(kept) == len(layers_before):
-        return PruningRun(sparsities, time.perf_counter() - start_time, offload)
-    return PruningRun([sparsities[i] for i in kept], time.perf_counter() - start_time, offload, kept)
+        return PruningRun(sparsities, time.perf_counter() - start_time, offload, experts=experts)
+    return PruningRun([sparsities[i] for i in kept], time.perf_counter() - start_time, offload, kept_layers=kept,
+                      experts=experts)
 
 
 def _prune_sequentially(layout: DecoderLayout, targets: list[list[Operator]], pruner: LayerPruner,

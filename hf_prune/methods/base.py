@@ -20,7 +20,7 @@ from torch import nn
 
 from ..engine.forward import model_logits, run_layer
 from ..engine.statistics import InputStatistics, StatKind
-from .patterns import check_width
+from .patterns import check_width, mask_from_scores
 
 if TYPE_CHECKING:
     from ..config import PruningConfig
@@ -122,6 +122,10 @@ class LayerPruner(ABC):
     def __init__(self, config: PruningConfig) -> None:
         self.config = config
         self.pattern = config.parsed_pattern
+        #: expert slice name -> calibration tokens its statistics counted (methods that use statistics)
+        self.expert_tokens: dict[str, int] = {}
+        #: expert slices pruned by magnitude because their expert got fewer tokens than the floor
+        self.expert_fallbacks: set[str] = set()
 
     def statistics_kind(self, op: Operator) -> StatKind:
         """Which input statistics to collect for ``op`` (none by default)."""
@@ -163,6 +167,18 @@ class LayerPruner(ABC):
     def prune_in_place(self, op: Operator, stats: InputStatistics | None, sparsity: float,
                        device: torch.device) -> None:
         """Prune ``op``'s weight in fp32 on ``device`` and write it back in place: the one place the
-        engine replaces an operator's weight."""
+        engine replaces an operator's weight.
+
+        An expert's slice whose statistics count fewer tokens than ``config.expert_token_floor``
+        (or none: the expert was never routed a calibration token) is pruned by magnitude, in
+        the same pattern and sparsity; ``expert_tokens`` and ``expert_fallbacks`` keep track.
+        """
         weight = op.read_weight().to(device=device, dtype=torch.float32).clone()
+        if op.expert is not None and self.statistics_kind(op) is not StatKind.NONE:
+            tokens = stats.tokens if stats is not None else 0
+            self.expert_tokens[op.name] = tokens
+            if tokens < max(1, getattr(self.config, "expert_token_floor", 1)):
+                self.expert_fallbacks.add(op.name)
+                op.write_weight(weight.masked_fill_(mask_from_scores(weight.abs(), self.pattern, sparsity), 0.0))
+                return
         op.write_weight(self.prune_operator(op, weight, stats, sparsity))

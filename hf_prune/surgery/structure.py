@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import UnsupportedArchitectureError
 from ..report import StructureSummary, count_parameters
 from ..walker.layout import DecoderLayout
 from .geometry import LayerSizes, layer_sizes
@@ -29,19 +30,27 @@ SIZE_KEYS = ("mlp_neurons", "attention_heads", "kv_heads")
 
 @dataclass
 class ModelShape:
-    """Per-layer sizes and the parameter count of a model at one moment."""
+    """Per-layer sizes and the parameter count of a model at one moment. ``layers`` is ``None``
+    for a model whose MLP and attention the walker cannot tell apart (mixtures of experts,
+    hybrid layers), which structured methods cannot shrink."""
 
-    layers: list[LayerSizes]
+    layers: list[LayerSizes] | None
     parameters: int
 
-    def lists(self) -> dict[str, list[int]]:
+    def lists(self) -> dict[str, list[int] | None]:
+        if self.layers is None:
+            return {key: None for key in SIZE_KEYS}
         return {key: [getattr(sizes, key) for sizes in self.layers] for key in SIZE_KEYS}
 
 
 def model_shape(model: nn.Module) -> ModelShape:
     """Measure every decoder layer's MLP width and head counts from the weights."""
     layout = DecoderLayout(model)
-    return ModelShape([layer_sizes(layout, i) for i in range(len(layout))], count_parameters(model))
+    try:
+        layers: list[LayerSizes] | None = [layer_sizes(layout, i) for i in range(len(layout))]
+    except UnsupportedArchitectureError:
+        layers = None
+    return ModelShape(layers, count_parameters(model))
 
 
 def structure_record(model: nn.Module, before: ModelShape, previous: dict | None,

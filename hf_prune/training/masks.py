@@ -58,16 +58,26 @@ def _as_out_in(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
 @dataclass
 class MaskedWeight:
     """One pruned weight. ``keep`` is a bool tensor in the weight's storage layout, ``True`` where
-    the entry is kept, or ``None`` when the N:M mask is recomputed from the weight itself."""
+    the entry is kept, or ``None`` when the N:M mask is recomputed from the weight itself.
+
+    ``weight`` is the whole parameter; for one expert's slice of a fused expert weight
+    (``expert`` set) :meth:`part` takes that slice of it, of its gradient or optimizer state.
+    """
 
     name: str
     module: nn.Module
     transposed: bool
     keep: torch.Tensor | None = None
+    parameter: str = "weight"
+    expert: int | None = None
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.module.weight
+        return getattr(self.module, self.parameter)
+
+    def part(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This entry's slice of a tensor shaped like the whole parameter."""
+        return tensor[self.expert] if self.expert is not None else tensor
 
 
 def _group_view(weight: torch.Tensor, transposed: bool, m: int) -> torch.Tensor:
@@ -119,17 +129,16 @@ class SparsityMasks:
         recorded = recorded_sparsity(record)
         entries: list[MaskedWeight] = []
         for op in decoder_operators(model):
-            weight = op.module.weight
-            if trainable_only and not weight.requires_grad:
+            if trainable_only and not op.parameter_tensor().requires_grad:
                 continue
             if record is not None and op.name in recorded and recorded[op.name] <= 0:
                 continue
             check_operator(op, recorded.get(op.name), parsed, _ADVICE)
-            keep = weight.detach() != 0
+            keep = op.stored_weight().detach() != 0
             if bool(keep.all()):
                 continue
             stored = keep if (store_nm or not parsed.is_nm) else None
-            entries.append(MaskedWeight(op.name, op.module, op.transposed, stored))
+            entries.append(MaskedWeight(op.name, op.module, op.transposed, stored, op.parameter, op.expert))
         return cls(entries, parsed)
 
     def __len__(self) -> int:
@@ -149,8 +158,8 @@ class SparsityMasks:
     def _zero_gradient(entry: MaskedWeight, grad: torch.Tensor) -> None:
         # Before the optimizer step every pruned entry is exactly zero, so for a recomputed N:M
         # mask the non-zeros are the kept entries (cheaper than ranking the magnitudes).
-        keep = entry.keep if entry.keep is not None else entry.weight.detach() != 0
-        grad.mul_(keep.to(grad.device))
+        keep = entry.keep if entry.keep is not None else entry.part(entry.weight.detach()) != 0
+        entry.part(grad).mul_(keep.to(grad.device))
 
     @torch.no_grad()
     def zero_gradients(self) -> None:
@@ -170,7 +179,7 @@ class SparsityMasks:
         """
         start = time.perf_counter()
         for entry in self.entries:
-            weight = entry.weight.data
+            weight = entry.part(entry.weight.data)
             if entry.keep is not None:
                 weight.mul_(entry.keep.to(weight.device))
                 continue
@@ -237,10 +246,11 @@ class SparsityMasks:
         """
         count = 0
         for entry in self.entries:
+            weight = entry.part(entry.weight)
             if entry.keep is not None:
-                count += int((entry.weight[~entry.keep] != 0).sum())
+                count += int((weight[~entry.keep] != 0).sum())
             else:
-                groups = _group_view(entry.weight, entry.transposed, self.pattern.m)
+                groups = _group_view(weight, entry.transposed, self.pattern.m)
                 count += int(((groups != 0).sum(-1) > self.pattern.n).sum())
         return count
 

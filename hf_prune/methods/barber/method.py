@@ -36,7 +36,7 @@ from transformers.utils import logging
 from ...config import PruningConfig, short_repr
 from ...engine.host_memory import heap_for_temporaries
 from ...engine.statistics import InputStatistics, StatKind
-from ...errors import PruningConfigError
+from ...errors import PruningConfigError, UnsupportedOperatorError
 from ..base import LayerContext, LayerPruner
 from ..patterns import Pattern
 from ..registry import config_class
@@ -267,6 +267,12 @@ class BarberPruner(LayerPruner):
 
     def validate(self, op) -> None:
         self.initial.validate(op)
+        if op.expert is not None and not self._swaps:
+            raise UnsupportedOperatorError(
+                f"LLM-Barber with rebuild='gradient' cannot prune {op.name}, one expert's slice of a fused expert "
+                "weight: its block gradients need a dense MLP block. Use rebuild='swaps' (the default), which "
+                "rebuilds each expert on its own routed tokens, or leave the experts out with `targets`"
+            )
 
     def prune_operator(self, op, weight: torch.Tensor, stats: InputStatistics | None,
                        sparsity: float) -> torch.Tensor:
@@ -303,7 +309,7 @@ class BarberPruner(LayerPruner):
     def finish_layer(self, context: LayerContext) -> bool:
         changed = self.initial.finish_layer(context)
         try:
-            for block in decoder_blocks(context.layout, context.index, context.targets):
+            for block in decoder_blocks(context.layout, context.index, context.targets, allow_stray=self._swaps):
                 if self._swaps:
                     self._record_swaps(context, block)
                 else:
@@ -316,7 +322,7 @@ class BarberPruner(LayerPruner):
         """The ``BlockRebuild`` of a block whose operators the exact swaps already rebuilt."""
         record = BlockRebuild(context.index, block.name, sum(self._swapped.get(op.name, 0) for op in block.operators),
                               sum(op.in_features * op.out_features for op in block.operators))
-        if self.measure_after:
+        if self.measure_after and block.module is not None:  # "other": experts, MLA, mixers: no block to run
             state = float32_state(block.module)
             dense = {op.name: self._dense[op.name].to(torch.float32) for op in block.operators}
             started = {op.name: self._started[op.name] for op in block.operators}

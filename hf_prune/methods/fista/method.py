@@ -42,7 +42,7 @@ from ...engine.collector import StatisticsCollector
 from ...engine.forward import StopForward, UntilStopped
 from ...engine.host_memory import heap_for_temporaries
 from ...engine.statistics import InputStatistics, StatKind
-from ...errors import LambdaSearchError, PruningConfigError
+from ...errors import LambdaSearchError, PruningConfigError, UnsupportedOperatorError
 from ...walker.layout import Operator
 from ..base import LayerContext, LayerPruner
 from ..linalg import damped_cholesky_factors, dead_inputs
@@ -251,6 +251,16 @@ class FISTAPruner(LayerPruner):
         self._lock = threading.Lock()
         #: per operator: (warm-start error, final error, ‖WX‖²/2, rows whose λ search did not bracket ξ)
         self.diagnostics: dict[str, tuple[float, float, float, int]] = {}
+
+    def validate(self, op: Operator) -> None:
+        super().validate(op)
+        if op.expert is not None:
+            raise UnsupportedOperatorError(
+                f"FISTAPruner cannot prune {op.name}, one expert's slice of a fused expert weight: its dense and "
+                "pruned inputs would have to come from the same routed tokens in two passes whose routers may "
+                "choose differently. Prune the experts with SparseGPT, Wanda or LLM-Barber (rebuild='swaps'), or "
+                "leave them to another run: targets=['*self_attn*', '*shared_expert*'] keeps FISTA off the experts"
+            )
 
     # -- one operator -------------------------------------------------------------------------
 
