@@ -209,7 +209,7 @@ def verify_record(model: nn.Module, record: dict[str, Any], source: str) -> Prun
         "SparsityCallback, or merged with a dense adapter). Load it with transformers' AutoModelForCausalLM "
         "to ignore the record, or pass verify_pruning=False"
     )
-    check_weights_against_record(decoder_operators(model), record, advice)
+    check_weights_against_record(decoder_operators(model, include_routers=True), record, advice)
     _verify_structure(model, record, advice)
     return measure_sparsity(model)
 

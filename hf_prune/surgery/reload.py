@@ -64,8 +64,18 @@ def check_structure_entry(structure: Any) -> dict[str, list[int]]:
     """
     sizes = _size_lists(structure, "")
     dense = _size_lists(structure.get("dense"), ".dense")
-    if any(len(dense[k]) != len(sizes[k]) for k in SIZE_KEYS):
-        raise _refuse(".dense", structure.get("dense"), "as long as the kept sizes (one entry per layer)")
+    kept_layers = structure.get("kept_layers")
+    if kept_layers is None:  # no layer was removed: one dense entry per kept layer
+        if any(len(dense[k]) != len(sizes[k]) for k in SIZE_KEYS):
+            raise _refuse(".dense", structure.get("dense"), "as long as the kept sizes (one entry per layer)")
+    else:  # depth pruning: the dense index of each kept layer, all distinct and inside the dense model
+        dense_layers = len(dense[SIZE_KEYS[0]])
+        if (not isinstance(kept_layers, list) or len(kept_layers) != len(sizes[SIZE_KEYS[0]])
+                or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < dense_layers
+                           for i in kept_layers)
+                or len(set(kept_layers)) != len(kept_layers)):
+            raise _refuse(".kept_layers", kept_layers,
+                          "the distinct dense indices of the kept layers (one per kept layer)")
     for name in ("parameters_before", "parameters_after"):
         value = structure.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_SIZE:

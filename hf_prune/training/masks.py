@@ -48,7 +48,7 @@ def check_pruned_weights(model: nn.Module) -> int:
     record = pruning_record(model)
     if record is None:
         return 0
-    return check_weights_against_record(decoder_operators(model), record, _ADVICE)
+    return check_weights_against_record(decoder_operators(model, include_routers=True), record, _ADVICE)
 
 
 def _as_out_in(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:

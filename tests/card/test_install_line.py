@@ -18,7 +18,7 @@ def test_card_does_not_send_readers_to_pypi(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "out")
     card = " ".join((tmp_path / "out" / "README.md").read_text().split())
     assert "pip install hf_prune`" not in card
-    assert "Load it with hf_prune (not on PyPI: `pip install ./hf_prune` from a copy of its source)" in card
+    assert "With hf_prune (not on PyPI: `pip install ./hf_prune` from a copy of its source)" in card
 
 
 def test_card_install_line_names_the_git_repository_it_was_installed_from(tmp_path, monkeypatch):
