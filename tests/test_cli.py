@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import save_tiny
 from transformers import AutoModelForCausalLM
 
 from hf_prune.cli import main
 
 
-class _TinyTokenizer:
-    def __call__(self, text, **kwargs):
-        return {"input_ids": [b % 96 for b in text.encode("utf-8")]}
-
-    def save_pretrained(self, directory):
-        Path(directory, "tokenizer_marker.txt").write_text("tiny")
-
-
 @pytest.fixture
-def saved_model(tmp_path, monkeypatch):
-    source = tmp_path / "tiny"
-    tiny_model("qwen3").save_pretrained(source)
-    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: _TinyTokenizer())
+def saved_model(tmp_path):
+    source = save_tiny(tmp_path / "tiny")
     text = tmp_path / "text.txt"
     text.write_text("calibration and evaluation text for the command line. " * 80)
     return source, text
@@ -45,7 +34,7 @@ def test_prune_then_eval(saved_model, tmp_path, capsys):
     assert results["perplexity_before"] > 1 and results["perplexity_after"] > 1
     record = json.loads((out / "config.json").read_text())["pruning_config"]
     assert record["method"] == "sparsegpt" and record["block_size"] == 32 and record["pattern"] == "2:4"
-    assert (out / "tokenizer_marker.txt").exists()
+    assert (out / "tokenizer.json").exists()
     model = AutoModelForCausalLM.from_pretrained(out)
     assert float((model.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == 0.5
 
@@ -64,10 +53,13 @@ def test_bad_input_exits_with_a_message(saved_model, tmp_path, capsys):
     assert "unknown field(s) ['nonsense']" in capsys.readouterr().err
 
 
-def test_refuses_non_empty_output_without_overwrite(saved_model, capsys):
+def test_refuses_non_empty_output_without_overwrite(saved_model, tmp_path, capsys):
     source, text = saved_model
-    with pytest.raises(SystemExit, match="not empty"):
-        main(["prune", "--model", str(source), "--calibration", str(text), "--output", str(source)])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    assert main(["prune", "--model", str(source), "--calibration", str(text), "--output", str(other)]) == 2
+    assert "not empty; pass --overwrite" in capsys.readouterr().err
 
 
 def test_prune_offloaded_to_disk_under_a_memory_budget(saved_model, tmp_path):
@@ -95,3 +87,18 @@ def test_max_memory_needs_a_device_map(saved_model, capsys):
     with pytest.raises(SystemExit, match="DEVICE=SIZE"):
         main(["prune", "--model", str(source), "--calibration", str(text), "--device-map", "auto",
               "--max-memory", "1GiB"])
+
+
+def test_depth_pruning_from_the_command_line(saved_model, tmp_path, capsys):
+    source, text = saved_model
+    out = tmp_path / "shallow"
+    code = main(["prune", "--model", str(source), "--method", "depth", "--param", "num_layers=1",
+                 "--param", "score=block-influence", "--calibration", str(text), "--num-samples", "4",
+                 "--seq-len", "64", "--device", "cpu", "--output", str(out), "--json"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "decoder layers: 1 of 2" in printed
+    results = json.loads(printed[printed.index("{"):])
+    assert results["decoder_layers"] == [1, 2] and results["parameters_after"] < results["parameters_before"]
+    model = AutoModelForCausalLM.from_pretrained(out)  # a standard, shallower checkpoint
+    assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1

@@ -31,14 +31,14 @@ def test_nm_width_not_divisible(token_ids):
 
 def test_targets_that_match_nothing(token_ids):
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match=r"match no Linear.*q_proj"):
+    with pytest.raises(ValueError, match=r"match no operator.*q_proj"):
         model.prune(WandaConfig(targets=["attn.query"], device="cpu"), calibration_data=token_ids)
     assert _untouched(model)
 
 
 def test_lm_head_and_embeddings_cannot_be_targeted(token_ids):
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="match no Linear"):
+    with pytest.raises(ValueError, match="match no operator"):
         model.prune(WandaConfig(targets=["lm_head", "model.embed_tokens"], device="cpu"), calibration_data=token_ids)
 
 
@@ -73,10 +73,22 @@ def test_nan_in_layer_outputs(token_ids, tmp_path):
     assert not model.is_pruned
 
 
-def test_unknown_architecture_lists_supported():
-    config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=2)
-    model = AutoPrunedModelForCausalLM.from_config(config)
-    with pytest.raises(UnsupportedArchitectureError, match=r"'bloom'.*Supported model types: .*gpt2.*llama"):
+def test_layers_without_prunable_weights_say_what_was_found():
+    model = tiny_model("llama")
+    model.model.layers = torch.nn.ModuleList([torch.nn.LayerNorm(64) for _ in range(2)])
+    with pytest.raises(UnsupportedArchitectureError, match=r"found 2 decoder layers at model.layers \(LayerNorm\)"
+                                                           r".*no nn.Linear.*weight \(64,\).*targets"):
+        model.prune(WandaConfig(device="cpu"), calibration_data=torch.zeros(2, 8, dtype=torch.long))
+    assert not model.is_pruned
+
+
+def test_model_without_decoder_layers_lists_its_module_lists():
+    model = tiny_model("llama")
+    model.model.blocks = model.model.layers
+    del model.model.layers
+    model._no_split_modules = []
+    with pytest.raises(UnsupportedArchitectureError, match=r"cannot find the decoder layers.*model.blocks \(2 x "
+                                                             r"LlamaDecoderLayer\)"):
         model.prune(WandaConfig(device="cpu"), calibration_data=torch.zeros(2, 8, dtype=torch.long))
 
 

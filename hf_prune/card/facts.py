@@ -105,8 +105,9 @@ def _merge_compressed(path: Path, tensors: dict[str, tuple[int, int]]) -> None:
 def structure_rows(chain: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
     """Kept MLP neurons and heads per layer, from the record's ``structure`` entry, if any.
 
-    The entry (written by ``hf_prune.structured``) holds per-layer lists ``mlp_neurons``,
-    ``attention_heads`` and ``kv_heads``, and the same lists of the dense model under ``dense``.
+    The entry (written by ``hf_prune.surgery.structure``) holds per-layer lists ``mlp_neurons``,
+    ``attention_heads`` and ``kv_heads``, the same lists of the dense model under ``dense``, and,
+    once decoder layers were removed, ``kept_layers``: the dense index of each remaining layer.
     """
     structure = next((r["structure"] for r in reversed(chain) if r.get("structure")), None)
     if structure is None:
@@ -115,18 +116,76 @@ def structure_rows(chain: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
         raise ValueError("pruning_config.structure must hold per-layer lists such as 'mlp_neurons' and 'dense'")
     dense = structure.get("dense") or {}
     count = len(structure["mlp_neurons"])
+    kept_layers = structure.get("kept_layers")
+    if not (isinstance(kept_layers, list) and len(kept_layers) == count
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in kept_layers)):
+        kept_layers = list(range(count))
 
     def column(values: Any) -> list[Any]:
         return list(values) + [None] * (count - len(values)) if isinstance(values, list) else [None] * count
 
+    def dense_column(values: Any) -> list[Any]:
+        values = values if isinstance(values, list) else []
+        return [values[i] if i < len(values) else None for i in kept_layers]
+
     rows = []
-    for kept, total, heads, heads_total, kv, kv_total in zip(
-        column(structure.get("mlp_neurons")), column(dense.get("mlp_neurons")),
-        column(structure.get("attention_heads")), column(dense.get("attention_heads")),
-        column(structure.get("kv_heads")), column(dense.get("kv_heads")),
+    for dense_index, kept, total, heads, heads_total, kv, kv_total in zip(
+        kept_layers, column(structure.get("mlp_neurons")), dense_column(dense.get("mlp_neurons")),
+        column(structure.get("attention_heads")), dense_column(dense.get("attention_heads")),
+        column(structure.get("kv_heads")), dense_column(dense.get("kv_heads")),
     ):
-        rows.append({"neurons": kept, "neurons_total": total, "heads": heads, "heads_total": heads_total,
-                     "kv": kv, "kv_total": kv_total})
+        rows.append({"dense_index": dense_index, "neurons": kept, "neurons_total": total, "heads": heads,
+                     "heads_total": heads_total, "kv": kv, "kv_total": kv_total})
+    return rows
+
+
+def removed_units(structure: dict[str, Any] | None, before: dict[str, Any] | None = None) -> list[str]:
+    """What a ``structure`` entry removed relative to ``before`` (an earlier entry; default the dense
+    sizes): any of "decoder layers", "MLP neurons", "attention heads"."""
+    if not structure:
+        return []
+    reference = before or {}
+    reference_layers = reference.get("kept_layers") or list(range(len((structure.get("dense") or {}).get(
+        "mlp_neurons") or [])))
+    kept = structure.get("kept_layers") or list(range(len(structure.get("mlp_neurons") or [])))
+    units = ["decoder layers"] if len(kept) < len(reference_layers) else []
+
+    def previous(key: str) -> list[Any]:
+        if before:
+            lookup = dict(zip(reference_layers, before.get(key) or []))
+        else:
+            lookup = dict(enumerate((structure.get("dense") or {}).get(key) or []))
+        return [lookup.get(i) for i in kept]
+
+    for key, unit in (("mlp_neurons", "MLP neurons"), ("attention_heads", "attention heads")):
+        now = structure.get(key) or []
+        if any(old is not None and new != old for new, old in zip(now, previous(key))):
+            units.append(unit)
+    return units
+
+
+def architecture_rows(structure: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """(what, dense, pruned) rows: decoder layers and the width of each kind of unit."""
+    if not structure:
+        return []
+    dense = structure.get("dense") or {}
+
+    def summary(values: Any) -> str:
+        values = [v for v in values if isinstance(v, int)] if isinstance(values, list) else []
+        if not values:
+            return "n/a"
+        low, high = min(values), max(values)
+        return str(low) if low == high else f"{low} to {high} (varies by layer)"
+
+    rows = [("decoder layers", str(len(dense.get("mlp_neurons") or [])), str(len(structure.get("mlp_neurons") or [])))]
+    labels = (("mlp_neurons", "MLP width (neurons per layer)"), ("attention_heads", "attention heads per layer"),
+              ("kv_heads", "key/value heads per layer"))
+    for key, label in labels:
+        rows.append((label, summary(dense.get(key)), summary(structure.get(key))))
+    before, after = structure.get("parameters_before"), structure.get("parameters_after")
+    if isinstance(before, int) and isinstance(after, int):
+        share = f" ({100 * after / before:.1f}%)" if before else ""
+        rows.append(("parameters", f"{before:,}", f"{after:,}{share}"))
     return rows
 
 
@@ -141,3 +200,58 @@ def structured_steps(chain: list[dict[str, Any]]) -> list[bool]:
 
 def heads_removed(rows: list[dict[str, Any]] | None) -> bool:
     return bool(rows) and any(r["heads"] is not None and r["heads"] != r["heads_total"] for r in rows)
+
+
+#: (runtime, the entry point that loads a checkpoint, or None)
+RUNTIMES = (("transformers", "AutoModelForCausalLM"), ("vLLM", None), ("llama.cpp", "convert_hf_to_gguf.py"),
+            ("hf_prune", "AutoPrunedModelForCausalLM"))
+
+
+def runtimes(checkpoint: Checkpoint) -> list[dict[str, Any]]:
+    """Which runtimes load the checkpoint: ``{"name", "entry", "loads", "why"}`` per runtime.
+
+    Unstructured and N:M checkpoints are dense tensors with zeros, and structured ones whose
+    config states their sizes (``standard_config``) are ordinary checkpoints of their family:
+    every runtime loads them. Compressed checkpoints and those whose layer sizes only the
+    pruning record holds load with hf_prune alone.
+    """
+    from ..checkpoint.standard_config import saved_config_is_standard
+
+    if checkpoint.record.get("compressed"):
+        why = "the weights are stored as nonzero values plus a bitmask, which only hf_prune expands"
+    elif not saved_config_is_standard(checkpoint.config):
+        why = "the layers have different sizes, which only the pruning record lists"
+    else:
+        why = None
+    rows = []
+    for name, entry in RUNTIMES:
+        ours = name == "hf_prune"
+        rows.append({"name": name, "entry": entry, "loads": ours or why is None, "why": None if ours else why})
+    return rows
+
+
+def expert_facts(record: dict[str, Any]) -> dict[str, Any] | None:
+    """What a run did with routed experts, from the record's ``experts`` entry (``None`` if no experts).
+
+    ``fallback`` holds one ``(bank, "experts 0, 3")`` pair per expert bank where an expert got
+    fewer calibration tokens than the floor and was pruned by the data-free rule instead.
+    """
+    entry = record.get("experts")
+    if not isinstance(entry, dict) or not isinstance(entry.get("banks"), dict):
+        return None
+    banks = entry["banks"]
+    counts = [n for bank in banks.values() for n in (bank.get("tokens") or []) if isinstance(n, int)]
+    fallback = [(name, "experts " + ", ".join(str(e) for e in bank.get("fallback") or []))
+                for name, bank in banks.items() if bank.get("fallback")]
+    return {
+        "banks": len(banks),
+        "experts": sum(len(bank.get("tokens") or []) for bank in banks.values()),
+        "uses_statistics": bool(entry.get("uses_statistics")),
+        "gate_weighting": bool(entry.get("gate_weighting")),
+        "floor": entry.get("token_floor"),
+        "rule": entry.get("fallback_rule", "magnitude"),
+        "fewest": min(counts) if counts else None,
+        "most": max(counts) if counts else None,
+        "fallback": fallback,
+        "fallback_count": sum(len(bank.get("fallback") or []) for bank in banks.values()),
+    }

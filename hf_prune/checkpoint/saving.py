@@ -35,7 +35,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from ..errors import SaveDirectoryError
+from ..errors import OutputDirectoryError, SaveDirectoryError
 
 logger = logging.get_logger(__name__)
 
@@ -48,12 +48,23 @@ _OURS = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|replaced)-[0-9a-f]{8}$")
 #: Without file locks (no ``fcntl``), a staging folder counts as abandoned after this long.
 _UNLOCKED_STALE_SECONDS = 24 * 3600
 
+#: files any saved tokenizer writes at least one of (fast, sentencepiece or BPE vocabulary)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def source_directories(path: str | os.PathLike) -> set[str]:
+    """The real path of the directory a model is loaded from (a file's folder), if it exists locally."""
+    source = Path(os.fspath(path)).expanduser()
+    if source.is_file():
+        source = source.parent
+    return {os.path.realpath(source)} if source.exists() else set()
+
 
 def check_not_source(save_directory: str | os.PathLike, sources: set[str]) -> None:
     """Refuse to write into the directory the model was loaded from."""
-    target = os.path.realpath(save_directory)
+    target = os.path.realpath(os.path.expanduser(os.fspath(save_directory)))
     if target in sources:
-        raise SaveDirectoryError(
+        raise OutputDirectoryError(
             f"refusing to save into {save_directory}: it is the directory this model was loaded from, and "
             "overwriting it would lose the original weights. Choose another output directory"
         )

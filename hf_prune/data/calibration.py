@@ -6,6 +6,7 @@ tokens, and ``num_samples`` windows are drawn with a seeded generator.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -88,11 +89,9 @@ def _hub_dataset_text(name: str, split: str) -> str:
     """Text of a standard corpus from the Hugging Face Hub through ``datasets``."""
     try:
         import datasets
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise CalibrationError(
-            f"loading {name!r} needs the `datasets` package (pip install 'hf_prune[eval]'), "
-            "or pass a path to a .txt/.jsonl file instead"
-        ) from err
+    except ImportError as err:
+        raise CalibrationError(f"loading {name!r} needs {DATASETS_MISSING}, or pass a path to a .txt/.jsonl file "
+                               "instead") from err
     if name == "c4":
         shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
         data = datasets.load_dataset("allenai/c4", data_files={split: shard}, split=split)
@@ -133,12 +132,24 @@ def _read_file_text(path: Path) -> str:
 
 KNOWN_DATASETS = ("c4", "c4-sample", "wikitext2")
 
+#: what to install for the hub datasets (hf_prune is installed from its source, not from PyPI)
+DATASETS_MISSING = ("the `datasets` package, which is not installed: pip install datasets (or install hf_prune with "
+                    "its `eval` extra: pip install -e '.[eval]' in the hf_prune source folder)")
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES",
+                                                                                                  "TRUE")
+
 
 def load_text(spec: str | os.PathLike, split: str = "train") -> tuple[str, str]:
     """Return ``(text, source description)`` for a dataset name or a file path.
 
-    ``"c4"`` falls back to the bundled C4 sample, with a warning, when the Hub cannot be
-    reached; the description says so and ends up in the pruning record.
+    ``"c4"`` falls back to the bundled C4 sample, with a warning that names the cause (the
+    ``datasets`` package is not installed, or the Hub could not be reached or is switched off
+    by ``HF_HUB_OFFLINE``); the description says so and ends up in the pruning record.
     """
     path = Path(os.fspath(spec)).expanduser()
     if path.is_file():
@@ -147,19 +158,24 @@ def load_text(spec: str | os.PathLike, split: str = "train") -> tuple[str, str]:
     if name == "c4-sample":
         return BUNDLED_C4.read_text(encoding="utf-8"), "c4-sample (bundled, 584 documents)"
     if name in ("c4", "wikitext2"):
-        try:
-            return _hub_dataset_text(name, split), f"{name} (hub, {split})"
-        except Exception as err:  # noqa: BLE001 - no `datasets`, or the hub is unreachable
-            if name != "c4":
-                raise CalibrationError(
-                    f"could not load {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-                    "Offline, or `datasets` not installed? Pass a path to a local .txt/.jsonl file instead"
-                ) from err
-            logger.warning(
-                "could not load allenai/c4 from the Hub (%s: %s); using the bundled C4 sample instead",
-                type(err).__name__, err,
-            )
-            return BUNDLED_C4.read_text(encoding="utf-8"), "c4-sample (bundled; hub unreachable)"
+        error: Exception | None = None
+        if importlib.util.find_spec("datasets") is None:
+            cause, short = f"it needs {DATASETS_MISSING}", "`datasets` not installed"
+        else:
+            try:
+                return _hub_dataset_text(name, split), f"{name} (hub, {split})"
+            except Exception as err:  # noqa: BLE001 - the hub is unreachable, switched off, or refused
+                error = err
+                how = "HF_HUB_OFFLINE is set, so the Hub was not asked" if _hub_offline() else "the Hub was asked"
+                cause = f"loading it from the Hugging Face Hub failed ({how}; {type(err).__name__}: {err})"
+                short = "hub unreachable"
+        if name != "c4":
+            raise CalibrationError(
+                f"could not load {name!r}: {cause}. Pass a path to a local .txt/.jsonl file instead"
+            ) from error
+        logger.warning("could not load allenai/c4 (calibration='c4'): %s; using the C4 sample bundled with hf_prune "
+                       "instead (pass calibration='c4-sample' to use it without this warning)", cause)
+        return BUNDLED_C4.read_text(encoding="utf-8"), f"c4-sample (bundled; {short})"
     raise CalibrationError(
         f"calibration {str(spec)!r} is neither an existing file nor a known dataset "
         f"({', '.join(KNOWN_DATASETS)}); pass a path to a .txt or .jsonl file, a list of strings, "

@@ -20,7 +20,8 @@ from .calibration import check_seq_len, check_token_ids, load_text, model_limits
 logger = logging.get_logger(__name__)
 
 
-_DATASET_NAMES = {"wikitext2": "test", "wikitext-2": "test", "c4": "validation", "c4-sample": "train"}
+#: dataset names ``evaluate_perplexity`` accepts, with the split it reads
+EVALUATION_DATASETS = {"wikitext2": "test", "wikitext-2": "test", "c4": "validation", "c4-sample": "train"}
 
 
 def _text_of(source: Any) -> str:
@@ -28,8 +29,8 @@ def _text_of(source: Any) -> str:
     if isinstance(source, (str, os.PathLike)):
         if os.path.isfile(source):
             return load_text(source)[0]
-        if isinstance(source, str) and source.lower() in _DATASET_NAMES:
-            return load_text(source, split=_DATASET_NAMES[source.lower()])[0]
+        if isinstance(source, str) and source.lower() in EVALUATION_DATASETS:
+            return load_text(source, split=EVALUATION_DATASETS[source.lower()])[0]
         if isinstance(source, str):
             return source
         raise FileNotFoundError(f"no evaluation text file at {source}")
@@ -41,6 +42,28 @@ def _text_of(source: Any) -> str:
         "text_or_dataset must be a string of text, a path to a text file, a dataset name ('wikitext2', 'c4'), "
         f"a list of strings or a datasets.Dataset with a 'text' column; got {type(source).__name__}"
     )
+
+
+def evaluation_windows(tokenizer: Any, text_or_dataset: Any, seq_len: int = 2048,
+                       max_windows: int | None = None) -> torch.Tensor:
+    """The token windows ``[windows, seq_len]`` that ``evaluate_perplexity`` runs, without running them.
+
+    Raises ``CalibrationError`` when the text holds less than one window, so a caller can
+    check the evaluation text before any long pass.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    text = _text_of(text_or_dataset)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    windows = ids.numel() // seq_len
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows < 1:
+        raise CalibrationError(
+            f"the evaluation text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}; "
+            "give more text or a smaller seq_len"
+        )
+    return ids[: windows * seq_len].reshape(windows, seq_len)
 
 
 @torch.no_grad()
@@ -57,22 +80,11 @@ def evaluate_perplexity(model: Any, tokenizer: Any, text_or_dataset: Any, seq_le
         max_windows: evaluate only the first windows (``None``: all).
         batch_size: windows per forward pass.
     """
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     limits = model_limits(model)
     check_seq_len(seq_len, limits)
-    text = _text_of(text_or_dataset)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    check_token_ids(ids, limits, "the evaluation text")
-    windows = ids.numel() // seq_len
-    if max_windows is not None:
-        windows = min(windows, max_windows)
-    if windows < 1:
-        raise CalibrationError(
-            f"the evaluation text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}; "
-            "give more text or a smaller seq_len"
-        )
-    batches = ids[: windows * seq_len].reshape(windows, seq_len)
+    batches = evaluation_windows(tokenizer, text_or_dataset, seq_len, max_windows)
+    check_token_ids(batches, limits, "the evaluation text")
+    windows = batches.shape[0]
     device = model.get_input_embeddings().weight.device
     was_training = model.training
     model.eval()

@@ -18,9 +18,10 @@ Every operator still runs once per token, so the work does not change. Only one 
 temporaries are alive at a time, and on the CPU they are small enough to be served from
 the heap (``heap_for_temporaries``) instead of fresh mappings. A block is chunked where it
 is a submodule holding its input and output projections, whose output is the output
-projection's (dropout aside, the identity in eval mode), and whose other arguments can be
-split by sample (no KV cache); elsewhere (OPT's inline fc1/fc2, training mode) the layer
-runs unchanged.
+projection's (dropout aside, the identity in eval mode; checked on one sample before the
+block is chunked), and whose other arguments can be split by sample (no KV cache);
+elsewhere (OPT's inline fc1/fc2, Falcon-H1's scaled MLP output, training mode, mixture-of-
+experts blocks, which ``engine.experts`` runs expert by expert) the block runs unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch import nn
 
 from ..walker.layout import ArchitectureSpec, DecoderLayout, Operator
 from .collector import StatisticsCollector
+from .forward import StopForward, UntilStopped
 from .host_memory import heap_for_temporaries
 
 #: Most tokens per chunk: enough to keep the matmuls efficient, few enough to save memory.
@@ -62,14 +64,12 @@ def chunkable_blocks(spec: ArchitectureSpec) -> list[Block]:
     candidates = [(attention_in, spec.o, True), (spec.mlp_in, spec.mlp_out, False)]
     blocks = []
     for inputs, output, returns_tuple in candidates:
+        if output is None:
+            continue
         path = output.rpartition(".")[0]
         if path and inputs and all(name.rpartition(".")[0] == path for name in inputs):
             blocks.append(Block(path, inputs, output, returns_tuple))
     return blocks
-
-
-class _StopAtOutput(Exception):
-    """Raised inside the output projection's pre-hook once its input was taken."""
 
 
 def _splittable(value: Any) -> bool:
@@ -122,7 +122,7 @@ def chunked_blocks(layout: DecoderLayout, index: int, targets: list[Operator],
     patched: list[tuple[nn.Module, Any]] = []
     if not layer.training:
         by_local = {op.local_name: op for op in targets}
-        for block in chunkable_blocks(layout.spec):
+        for block in chunkable_blocks(layout.layer_spec(index)):
             module = layout.submodule(index, block.path)
             patched.append((module, module.__dict__.get("forward")))  # accelerate keeps its hook on the instance
             module.forward = _chunked_forward(
@@ -165,6 +165,36 @@ def _chunked_norm(original_forward):
     return forward
 
 
+class _Probe:
+    """Catches the output projection's output during a probe."""
+
+    def __init__(self) -> None:
+        self.output: torch.Tensor | None = None
+
+    def __call__(self, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        self.output = output
+
+
+def _returns_output_projection(original_forward, output: nn.Module, block: Block, collector: StatisticsCollector,
+                               args: tuple, kwargs: dict, samples: int) -> bool:
+    """Whether the block returns its output projection's output as it is (``(out, None)`` for attention):
+    the block runs on one sample with the statistics hooks paused. A block that scales or adds to it
+    (Falcon-H1's MLP multipliers, say) runs whole instead of in chunks."""
+    probe = _Probe()
+    handle = output.register_forward_hook(probe)
+    try:
+        with collector.paused():
+            result = original_forward(*_take_samples(args, samples, 0, 1), **_take_samples(kwargs, samples, 0, 1))
+    finally:
+        handle.remove()
+    if block.returns_tuple:
+        if not isinstance(result, tuple) or len(result) != 2:
+            return False
+        result = result[0]
+    return (probe.output is not None and isinstance(result, torch.Tensor)
+            and (result is probe.output or torch.equal(result, probe.output)))
+
+
 def _chunked_forward(original_forward, output: nn.Module, block: Block, input_ops: list[Operator],
                      output_op: Operator | None, collector: StatisticsCollector, widest_per_token: int):
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -180,23 +210,24 @@ def _chunked_forward(original_forward, output: nn.Module, block: Block, input_op
             pending.append(inputs[0])
             if output_op is not None:
                 collector.observe(output_op, inputs[0], remember=False)
-            raise _StopAtOutput
+            raise StopForward
 
         # pruning runs outside the heap regions: a solver's temporaries of a few MiB must not
         # land on top of the kept chunks, where they would stay resident until the next trim
         for op in input_ops:  # the input projections' statistics are complete: prune them now
             collector.observe_and_prune(op, x)
+        if not _returns_output_projection(original_forward, output, block, collector, args, kwargs, samples):
+            return original_forward(*args, **kwargs)  # the output projection's hook takes the whole input
         handle = output.register_forward_pre_hook(take_input, prepend=True)
         try:
             with heap_for_temporaries():
                 for start in range(0, samples, samples_per_chunk):
                     end = start + samples_per_chunk
-                    try:
+                    with UntilStopped() as stop:
                         original_forward(*_take_samples(args, samples, start, end),
                                          **_take_samples(kwargs, samples, start, end))
-                    except _StopAtOutput:
-                        continue
-                    raise RuntimeError(f"{block.output} was not called by {block.path}; cannot run it in chunks")
+                    if not stop.reached:
+                        raise RuntimeError(f"{block.output} was not called by {block.path}; cannot run it in chunks")
         finally:
             handle.remove()
         if output_op is not None:

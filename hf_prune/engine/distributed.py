@@ -75,7 +75,7 @@ def broadcast_layers(layout: DecoderLayout, targets: list[list[Operator]], owner
         held = (layer_on_device(layout.model, layer, layout.layer_prefix(index), comm, write_back=rank != owner)
                 if is_offloaded(layer) else contextlib.nullcontext())
         with held:
-            weights = [op.module.weight.data for op in targets[index]]
+            weights = [op.stored_weight() for op in targets[index]]
             dtype = weights[0].dtype
             flat = torch.cat([w.reshape(-1).to(device=comm, dtype=dtype) for w in weights])
             dist.broadcast(flat, src=owner)

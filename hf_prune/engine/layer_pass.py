@@ -67,14 +67,17 @@ def observe_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, batch
                   model_dtype: torch.dtype, *,
                   on_ready: Callable[[Operator, InputStatistics | None], None] | None = None,
                   chunking: Callable[[StatisticsCollector], AbstractContextManager] | None = None,
+                  gate_weighting: bool = False,
                   ) -> tuple[torch.Tensor, dict[str, InputStatistics], set[str]]:
     """Run ``hidden`` through ``layer`` with statistics hooks on ``ops``; return the outputs, the
     statistics per operator name and the operators pruned inside the pass (via ``on_ready``).
 
     ``chunking(collector)``, when given, is a context that runs the layer's blocks in chunks
-    of samples (one-pass pruning). Raises ``NonFiniteActivationError`` on NaN/Inf outputs.
+    of samples (one-pass pruning). Expert slices among ``ops`` see only their expert's tokens
+    (weighted by the router's gate values with ``gate_weighting``). Raises
+    ``NonFiniteActivationError`` on NaN/Inf outputs.
     """
-    collector = StatisticsCollector(ops, kind_for, device, on_ready=on_ready)
+    collector = StatisticsCollector(ops, kind_for, device, on_ready=on_ready, gate_weighting=gate_weighting)
     try:
         with chunking(collector) if chunking is not None else contextlib.nullcontext():
             outputs = run_layer(layer, hidden, call, batch_size, collector.end_batch)
@@ -109,7 +112,9 @@ def prune_layer(pruner: LayerPruner, layout: DecoderLayout, index: int, targets:
             layer, hidden, call, batch_size, targets, pruner.statistics_kind, device, index, layout.model.dtype,
             on_ready=prune_now if one_pass else None,
             chunking=(lambda collector: chunked_blocks(layout, index, targets, collector)) if one_pass else None,
+            gate_weighting=pruner.config.expert_gate_weighting,
         )
+        context.outputs = outputs
         missing = [op.name for op in targets if op.name not in done] if one_pass else []
         if missing:
             raise RuntimeError(

@@ -22,11 +22,12 @@ from transformers import PreTrainedModel
 
 from ..config import PruningConfig
 from ..data.calibration import CalibrationSet
-from ..methods.base import LayerPruner
+from ..methods.base import LayerPruner, ModelContext
 from ..methods.owl import owl_layer_sparsities
 from ..walker.layout import DecoderLayout, Operator
 from .activations import place_activations
 from .capture import LayerCall, capture_layer_inputs
+from .experts import expert_calibration_record
 from .host_memory import return_freed_memory_to_os
 from .layer_pass import layer_call, prune_layer, visit_layers
 from .offload import OffloadStats, is_offloaded
@@ -35,11 +36,14 @@ from .parallel import prune_layers_parallel
 
 @dataclass
 class PruningRun:
-    """What the engine did: the target sparsity of each layer and the wall time."""
+    """What the engine did: the target sparsity of each kept layer, the wall time, and which
+    decoder layers (indices before the run) are left when the method removed some."""
 
     layer_sparsity: list[float]
     seconds: float
     offload: OffloadStats | None = None
+    kept_layers: list[int] | None = None
+    experts: dict | None = None  # per-expert calibration tokens and fallbacks (MoE), for the record
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -52,20 +56,37 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: CalibrationSet | None) -> PruningRun:
-    """Prune ``model`` in place, layer by layer, as ``config`` says."""
-    start_time = time.perf_counter()
-    return_freed_memory_to_os()  # activations of each layer are freed before the next: keep RSS flat
+def _plan(model: PreTrainedModel, config: PruningConfig
+          ) -> tuple[DecoderLayout, LayerPruner, list[list[Operator]], torch.device]:
     layout = DecoderLayout(model)
     pruner = config.make_pruner()
     targets = layout.all_targeted(config.targets)
     for ops in targets:
         for op in ops:
             pruner.validate(op)
-    device = resolve_device(config.device)
+    return layout, pruner, targets, resolve_device(config.device)
+
+
+def check_pruning_plan(model: PreTrainedModel, config: PruningConfig) -> None:
+    """Raise, before any calibration or forward pass, if ``config`` cannot be applied to ``model``.
+
+    Checks what the shapes alone decide: the architecture is supported, ``targets`` match
+    operators, every targeted operator's input width takes the pattern (N:M needs M to
+    divide it), the method accepts each operator, and the device exists. Only module
+    shapes are read, so ``model`` may be a skeleton on the ``meta`` device.
+    """
+    _plan(model, config)
+
+
+def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: CalibrationSet | None) -> PruningRun:
+    """Prune ``model`` in place, layer by layer, as ``config`` says."""
+    start_time = time.perf_counter()
+    return_freed_memory_to_os()  # activations of each layer are freed before the next: keep RSS flat
+    layout, pruner, targets, device = _plan(model, config)
     offload = OffloadStats() if is_offloaded(model) else None
     was_training = model.training
     model.eval()
+    layers_before = list(layout.layers)
     try:
         if not config.uses_calibration:
             sparsities = [config.sparsity] * len(layout)
@@ -86,9 +107,18 @@ def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: Cali
                 handed_over = [hidden]  # no reference stays here: layer 0's inputs are freed after layer 0
                 del hidden
                 _prune_sequentially(layout, targets, pruner, handed_over, calls, config, device, sparsities, offload)
+        pruner.finish_model(ModelContext(layout, calibration.input_ids if calibration is not None else None, device,
+                                         config.batch_size or 1))
     finally:
         model.train(was_training)
-    return PruningRun(sparsities, time.perf_counter() - start_time, offload)
+    experts = expert_calibration_record(targets, pruner.expert_tokens, pruner.expert_fallbacks,
+                                        config.expert_token_floor, config.expert_gate_weighting)
+    remaining = {id(layer) for layer in layout.layers}
+    kept = [index for index, layer in enumerate(layers_before) if id(layer) in remaining]
+    if len(kept) == len(layers_before):
+        return PruningRun(sparsities, time.perf_counter() - start_time, offload, experts=experts)
+    return PruningRun([sparsities[i] for i in kept], time.perf_counter() - start_time, offload, kept_layers=kept,
+                      experts=experts)
 
 
 def _prune_sequentially(layout: DecoderLayout, targets: list[list[Operator]], pruner: LayerPruner,

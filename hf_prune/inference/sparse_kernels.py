@@ -41,6 +41,8 @@ FIXES = {
     "capability": "use a GPU of compute capability 8.0 or newer (Ampere: A100, A10, RTX 30xx; Ada; Hopper: H100)",
     "kernel": "the sparse kernel refused the weight; it stays dense",
     "converted": "nothing to do: the weight is already a semi-structured sparse tensor",
+    "expert": "fused expert weights are multiplied by the experts module's own (grouped) matmuls, not by an "
+              "nn.Linear: they stay dense (their zeros still shrink a compressed checkpoint)",
 }
 
 
@@ -126,9 +128,11 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
 
 
 def _decide(op: Operator, backend: str, cls: type | None, check_device: bool) -> ModuleDecision:
-    weight = op.module.weight
+    weight = op.module.weight if op.kind != "expert" else op.stored_weight()
     shape = (op.out_features, op.in_features)
     base = dict(name=op.name, shape=shape, dtype=str(weight.dtype).replace("torch.", ""), device=str(weight.device))
+    if op.kind == "expert":
+        return ModuleDecision(**base, reason="expert", detail="it is one expert's slice of a fused expert weight")
     sparse_base = getattr(torch.sparse, "SparseSemiStructuredTensor", None)
     if sparse_base is not None and (isinstance(weight, sparse_base) or isinstance(weight.data, sparse_base)):
         return ModuleDecision(**base, reason="converted", detail="it is already converted")

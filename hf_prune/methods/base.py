@@ -4,7 +4,9 @@ The engine owns models, data and devices. A method sees one decoder layer at a t
 it says which input statistics each operator needs, then returns the pruned weight of
 each operator once those statistics are complete. Methods that act on a whole layer
 (structured ones) override ``finish_layer`` instead; ``start_layer`` sees the dense layer
-first (to keep a dense copy of a block, say).
+first (to keep a dense copy of a block, say). Methods that decide over the whole model
+(depth pruning: which decoder layers to remove) override ``finish_model``, called once after
+the last layer.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..engine.forward import run_layer
+from ..engine.forward import model_logits, run_layer
 from ..engine.statistics import InputStatistics, StatKind
-from .patterns import check_width
+from .patterns import check_width, mask_from_scores
 
 if TYPE_CHECKING:
     from ..config import PruningConfig
@@ -33,7 +35,9 @@ class LayerContext:
     ``inputs`` are the calibration hidden states entering the layer (``[n, seq, hidden]``,
     on ``device``), ``call`` the layer's other arguments (masks, rotary tables), ``targets``
     the operators to prune, ``sparsity`` this layer's target, and ``stats`` the input
-    statistics collected during the pass (empty in ``start_layer``).
+    statistics collected during the pass (empty in ``start_layer``). ``outputs`` are the layer's
+    outputs from that pass (``None`` in ``start_layer`` and when no pass ran); with operators
+    pruned inside the pass they are the pruned layer's outputs, else the dense layer's.
     """
 
     layout: DecoderLayout
@@ -46,12 +50,33 @@ class LayerContext:
     device: torch.device
     batch_size: int
     stats: dict[str, InputStatistics] = field(default_factory=dict)
+    outputs: torch.Tensor | None = None
 
     def run(self, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's outputs for ``hidden`` (default: ``inputs``), batch by batch, without grad."""
         if self.call is None:
             raise ValueError("this layer was pruned without calibration data, so it cannot be run")
         return run_layer(self.layer, self.inputs if hidden is None else hidden, self.call, self.batch_size)
+
+
+@dataclass
+class ModelContext:
+    """The whole model as the engine hands it to a method after the last layer (``finish_model``).
+
+    ``input_ids`` are the calibration token ids (``[n, seq]``, CPU; ``None`` for data-free
+    methods), ``batch_size`` the samples to run through the whole model at once (the config's
+    ``batch_size``, else 1: a whole-model forward holds ``seq x vocab`` logits per sample).
+    """
+
+    layout: DecoderLayout
+    input_ids: torch.Tensor | None
+    device: torch.device
+    batch_size: int
+
+    def logits(self, input_ids: torch.Tensor, skip: tuple[int, ...] | list[int] = ()) -> torch.Tensor:
+        """The model's fp32 logits (CPU) for ``input_ids`` with the decoder layers ``skip`` bypassed
+        (each hands its input on unchanged, as if removed). The model runs where it is placed."""
+        return model_logits(self.layout.model, self.layout.layers, input_ids, skip)
 
 
 class LayerPruner(ABC):
@@ -71,7 +96,10 @@ class LayerPruner(ABC):
     4. calls :meth:`finish_layer`, where layer-wide methods (structured ones, FISTA, LLM-Barber)
        act, and recomputes the layer's outputs if anything changed after the pass;
     5. hands the outputs to the next layer (or, with :attr:`layers_take_dense_inputs`, the
-       dense model's outputs) and puts the layer back.
+       dense model's outputs) and puts the layer back;
+
+    and once every layer was visited, calls :meth:`finish_model`, where a method may change the
+    model as a whole (remove decoder layers). The engine reports which layers are left.
 
     Attributes:
         config (`PruningConfig`): the method's configuration.
@@ -94,6 +122,10 @@ class LayerPruner(ABC):
     def __init__(self, config: PruningConfig) -> None:
         self.config = config
         self.pattern = config.parsed_pattern
+        #: expert slice name -> calibration tokens its statistics counted (methods that use statistics)
+        self.expert_tokens: dict[str, int] = {}
+        #: expert slices pruned by magnitude because their expert got fewer tokens than the floor
+        self.expert_fallbacks: set[str] = set()
 
     def statistics_kind(self, op: Operator) -> StatKind:
         """Which input statistics to collect for ``op`` (none by default)."""
@@ -124,9 +156,29 @@ class LayerPruner(ABC):
         """
         return False
 
+    def finish_model(self, context: ModelContext) -> None:
+        """Called once after every decoder layer was visited, with the whole model.
+
+        For decisions across layers (which layers to remove, say). It may remove decoder layers
+        (``hf_prune.surgery.layers.remove_layers``); the engine finds which remain by identity.
+        """
+        return None
+
     def prune_in_place(self, op: Operator, stats: InputStatistics | None, sparsity: float,
                        device: torch.device) -> None:
         """Prune ``op``'s weight in fp32 on ``device`` and write it back in place: the one place the
-        engine replaces an operator's weight."""
+        engine replaces an operator's weight.
+
+        An expert's slice whose statistics count fewer tokens than ``config.expert_token_floor``
+        (or none: the expert was never routed a calibration token) is pruned by magnitude, in
+        the same pattern and sparsity; ``expert_tokens`` and ``expert_fallbacks`` keep track.
+        """
         weight = op.read_weight().to(device=device, dtype=torch.float32).clone()
+        if op.expert is not None and self.statistics_kind(op) is not StatKind.NONE:
+            tokens = stats.tokens if stats is not None else 0
+            self.expert_tokens[op.name] = tokens
+            if tokens < max(1, getattr(self.config, "expert_token_floor", 1)):
+                self.expert_fallbacks.add(op.name)
+                op.write_weight(weight.masked_fill_(mask_from_scores(weight.abs(), self.pattern, sparsity), 0.0))
+                return
         op.write_weight(self.prune_operator(op, weight, stats, sparsity))

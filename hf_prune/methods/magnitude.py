@@ -23,6 +23,8 @@ class MagnitudeConfig(PruningConfig):
 
 
 class MagnitudePruner(LayerPruner):
+    """Zeroes the smallest ``|W_ij|`` of each row (or of each N:M group); needs no calibration data."""
+
     def prune_weight(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: float) -> torch.Tensor:
         mask = mask_from_scores(weight.abs(), self.pattern, sparsity)
         return weight.masked_fill_(mask, 0.0)

@@ -26,6 +26,8 @@ def outlier_ratio(ops: list[Operator], stats: dict[str, InputStatistics], thresh
     """Share of the layer's ``|W| * ||X||`` scores above ``threshold`` x their mean."""
     scores = []
     for op in ops:
+        if op.name not in stats:  # an expert routed no calibration token
+            continue
         norms = stats[op.name].column_norms
         weight = op.read_weight().to(device=norms.device, dtype=torch.float32)
         scores.append((weight.abs() * norms.unsqueeze(0)).flatten())
@@ -60,7 +62,7 @@ def owl_layer_sparsities(layout: DecoderLayout, targets: list[list[Operator]], h
     def visit(index: int) -> None:
         outputs, stats, _ = observe_layer(layout.layers[index], current.pop(), layer_call(calls[index], device),
                                           batch_size, targets[index], lambda op: StatKind.NORMS, device, index,
-                                          layout.model.dtype)
+                                          layout.model.dtype, gate_weighting=config.expert_gate_weighting)
         current.append(outputs)
         ratios.append(outlier_ratio(targets[index], stats, settings.threshold) if targets[index] else 0.0)
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import PatternWidthError
+
 _NM_RE = re.compile(r"^\s*(\d{1,6})\s*:\s*(\d{1,6})\s*$")  # bounded: no 5000-digit int() on hostile input
 
 
@@ -64,7 +66,7 @@ def parse_pattern(text: str) -> Pattern:
 def check_width(pattern: Pattern, in_features: int, module_name: str) -> None:
     """Raise if an N:M pattern's M does not divide a weight's input width."""
     if pattern.is_nm and in_features % pattern.m != 0:
-        raise ValueError(
+        raise PatternWidthError(
             f"pattern {pattern} cannot be applied to {module_name}: its input width {in_features} "
             f"is not a multiple of M={pattern.m}. Exclude this module with `targets`, or choose an "
             "M that divides every targeted width"

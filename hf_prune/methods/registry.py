@@ -40,6 +40,7 @@ METHODS: dict[str, MethodEntry] = {
     "activation-norm-structured": MethodEntry(
         "structured.baselines", "ActivationNormStructuredConfig", "ActivationNormStructuredPruner"
     ),
+    "depth": MethodEntry("depth", "DepthConfig", "DepthPruner"),
 }
 
 

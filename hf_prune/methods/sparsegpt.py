@@ -18,13 +18,18 @@ from ..config import PruningConfig
 from ..engine.statistics import InputStatistics, StatKind
 from ..errors import PruningConfigError
 from .base import LayerPruner
+from .linalg import damped_cholesky_factors, dead_inputs
 from .patterns import Pattern, lowest_per_group, prune_count
 
 
 @dataclass
 class SparseGPTConfig(PruningConfig):
-    """SparseGPT. ``block_size``: columns per lazy update (a multiple of M for N:M);
-    ``dampening``: added to the Hessian diagonal as a share of its mean."""
+    """SparseGPT: prune column by column, updating the remaining weights to compensate (OBS).
+
+    Args:
+        block_size: columns per lazy update (a multiple of M for N:M patterns).
+        dampening: added to the Hessian diagonal, as a share of its mean.
+    """
 
     method: ClassVar[str] = "sparsegpt"
     paper: ClassVar[str] = "https://arxiv.org/abs/2301.00774"
@@ -56,20 +61,14 @@ def inverse_hessian_factor(gram: torch.Tensor, dampening: float) -> tuple[torch.
     Each intermediate is freed as soon as the next exists: no more than two ``in x in``
     matrices besides ``gram`` are alive at once.
     """
-    dead = torch.diagonal(gram) == 0
-    diagonal = torch.diagonal(gram).masked_fill(dead, 1.0)  # a dead input gets a unit diagonal
-    for attempt in range(4):
-        damped = gram.clone()
-        damped.diagonal().copy_(diagonal + dampening * (10**attempt) * diagonal.mean())
-        factor, info = torch.linalg.cholesky_ex(damped)
-        del damped
+    dead = dead_inputs(gram)
+    for factor in damped_cholesky_factors(gram, dampening, dead):
+        inverse = torch.cholesky_inverse(factor)
+        del factor
+        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        del inverse
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
-            del factor
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if int(info) == 0:
-                return upper, dead
+            return upper, dead
     raise ValueError(
         "SparseGPT could not factor the input Hessian even with 1000x dampening; the calibration "
         "inputs are degenerate (all zero or NaN?). Use more or different calibration text, or Wanda"
@@ -152,6 +151,9 @@ def sparsegpt_prune(
 
 
 class SparseGPTPruner(LayerPruner):
+    """OBS-style pruning column by column with the inverse Hessian of the inputs, updating the kept
+    weights to compensate; one Hessian factor per distinct input (q/k/v share one)."""
+
     def __init__(self, config: SparseGPTConfig) -> None:
         super().__init__(config)
         # operators fed the same input (q/k/v, gate/up) share one statistics object: its

@@ -28,6 +28,8 @@ def wanda_scores(weight: torch.Tensor, stats: InputStatistics) -> torch.Tensor:
 
 
 class WandaPruner(LayerPruner):
+    """Zeroes the lowest ``|W_ij| * ||X_j||`` of each row (or N:M group) from the inputs' column norms."""
+
     def statistics_kind(self, op) -> StatKind:
         return StatKind.NORMS
 

@@ -1,4 +1,5 @@
-"""Model surgery: removing MLP neurons and attention heads physically, and rebuilding recorded shapes.
+"""Model surgery: removing MLP neurons, attention heads and decoder layers physically, and rebuilding
+recorded shapes.
 
 The model gets smaller and faster; per-layer sizes are recorded in
 ``config.json["pruning_config"]["structure"]`` and rebuilt by
@@ -6,9 +7,10 @@ The model gets smaller and faster; per-layer sizes are recorded in
 """
 
 from .geometry import AttentionGeometry, LayerSizes, attention_geometry, layer_sizes
+from .layers import remove_layers
 from .reload import LOADER_ADVICE, apply_structure, rebuild_recorded_structure
 from .shrink import shrink_attention, shrink_mlp
-from .structure import ModelShape, StructureReport, model_shape, structure_record, structure_report
+from .structure import ModelShape, StructureReport, model_shape, structure_record, structure_report, structure_summary
 
 __all__ = [
     "LOADER_ADVICE",
@@ -21,8 +23,10 @@ __all__ = [
     "layer_sizes",
     "model_shape",
     "rebuild_recorded_structure",
+    "remove_layers",
     "shrink_attention",
     "shrink_mlp",
     "structure_record",
     "structure_report",
+    "structure_summary",
 ]

@@ -49,7 +49,12 @@ def _parent_path(local_name: str) -> str:
 
 def attention_module(layout: DecoderLayout, index: int) -> nn.Module:
     """The self-attention module of layer ``index`` (the parent of its output projection)."""
-    path = _parent_path(layout.spec.o)
+    spec = layout.spec
+    if spec.o is None:
+        raise UnsupportedArchitectureError(
+            f"{layout.model_type}: structured head pruning cannot find the attention heads: {'; '.join(spec.missing)}"
+        )
+    path = _parent_path(spec.o)
     return layout.submodule(index, path) if path else layout.layers[index]
 
 

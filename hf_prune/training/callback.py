@@ -28,7 +28,8 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
-from .masks import SparsityMasks, check_pruned_weights, pruning_record, unwrap_model
+from ..walker.layout import unwrap_model
+from .masks import SparsityMasks, check_pruned_weights, pruning_record
 
 logger = logging.get_logger(__name__)
 

@@ -21,8 +21,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
+from ..checkpoint.record import recorded_sparsity
 from ..methods.patterns import parse_pattern, satisfies_nm
-from .masks import check_pruned_weights, decoder_operators, pruning_record, recorded_sparsity, unwrap_model
+from ..report import measure_sparsity
+from ..walker.experts import read_expert_bank
+from ..walker.layout import decoder_operators, unwrap_model
+from .masks import check_pruned_weights, pruning_record
 
 logger = logging.get_logger(__name__)
 
@@ -46,6 +50,8 @@ def sync_linear_shapes(model: nn.Module) -> int:
     """
     changed = 0
     for op in decoder_operators(model):
+        if op.kind != "linear":  # fused expert weights have no size attributes to follow
+            continue
         module, shape = op.module, tuple(op.module.weight.shape)
         if isinstance(module, Conv1D):
             attrs = {"nx": shape[0], "nf": shape[1]}
@@ -61,8 +67,14 @@ def sync_linear_shapes(model: nn.Module) -> int:
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:
-    """Layer-relative names of every decoder operator (``self_attn.q_proj``, ``mlp.down_proj``...)."""
-    return sorted({op.local_name for op in decoder_operators(model)})
+    """Layer-relative names of every decoder Linear/Conv1D (``self_attn.q_proj``, ``mlp.down_proj``...)."""
+    return sorted({op.local_name for op in decoder_operators(model) if op.kind == "linear"})
+
+
+def lora_target_parameters(model: nn.Module) -> list[str]:
+    """Layer-relative names of the fused expert weights (``mlp.experts.gate_up_proj``...): peft adapts
+    them with its ``target_parameters`` (one low-rank update per expert)."""
+    return sorted({op.local_name.rpartition(".")[0] for op in decoder_operators(model) if op.kind == "expert"})
 
 
 def apply_lora(model: nn.Module, config: Any = None, r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
@@ -74,7 +86,9 @@ def apply_lora(model: nn.Module, config: Any = None, r: int = 8, lora_alpha: int
         config: a ``peft.LoraConfig``; if given, the other arguments are ignored.
         r, lora_alpha, lora_dropout: the usual LoRA settings.
         target_modules: module names for peft; default every Linear inside the decoder layers.
-        **lora_kwargs: more ``LoraConfig`` fields.
+        **lora_kwargs: more ``LoraConfig`` fields. ``target_parameters`` defaults to the fused
+            expert weights of a mixture-of-experts model (``lora_target_parameters``); pass
+            ``target_parameters=[]`` to leave the experts without an adapter.
 
     The base weights are frozen, so training the adapter cannot touch the zeros; merge it
     back with ``merge_lora_keep_sparsity`` (not ``merge_and_unload``).
@@ -82,7 +96,8 @@ def apply_lora(model: nn.Module, config: Any = None, r: int = 8, lora_alpha: int
     peft = _import_peft()
     sync_linear_shapes(model)
     if config is None:
-        conv1d = any(op.transposed for op in decoder_operators(model))
+        conv1d = any(op.transposed and op.kind == "linear" for op in decoder_operators(model))
+        lora_kwargs.setdefault("target_parameters", lora_target_parameters(model) or None)
         config = peft.LoraConfig(
             r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             target_modules=target_modules or lora_target_modules(model), task_type="CAUSAL_LM",
@@ -194,14 +209,6 @@ def _compare(without: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
     }
 
 
-def _decoder_sparsity(model: nn.Module) -> float:
-    zeros = total = 0
-    for op in decoder_operators(model):
-        zeros += int((op.module.weight == 0).sum())
-        total += op.module.weight.numel()
-    return zeros / total if total else 0.0
-
-
 def _masked_module_ids(base: nn.Module) -> set[int]:
     """The decoder operators that were pruned: recorded with sparsity > 0, else holding zeros."""
     recorded = recorded_sparsity(pruning_record(base))
@@ -210,9 +217,27 @@ def _masked_module_ids(base: nn.Module) -> set[int]:
         if op.name in recorded:
             if recorded[op.name] > 0:
                 ids.add(id(op.module))
-        elif bool((op.module.weight == 0).any()):
+        elif bool((op.stored_weight() == 0).any()):
             ids.add(id(op.module))
     return ids
+
+
+def _wrapper_chain(layer: nn.Module) -> list[nn.Module]:
+    """A tuner layer, and for peft's nested ``ParamWrapper`` s (one per adapted fused expert weight
+    of a module) every wrapper inside it, outermost first."""
+    chain = [layer]
+    while hasattr(chain[-1], "parameter_name") and hasattr(chain[-1].base_layer, "parameter_name"):
+        chain.append(chain[-1].base_layer)
+    return chain
+
+
+def _out_in_views(target: nn.Module, parameter: str, weight: torch.Tensor) -> list[torch.Tensor]:
+    """``weight`` (a parameter of ``target``) as ``(out, in)`` matrices: one per expert for a fused
+    expert weight, the transposed weight of a ``Conv1D``, else the weight itself."""
+    if weight.dim() == 3:
+        transposed = read_expert_bank("", target, None).layout.transposed
+        return [w.t() if transposed else w for w in weight.unbind(0)]
+    return [weight.t() if isinstance(target, Conv1D) else weight]
 
 
 @torch.no_grad()
@@ -264,7 +289,7 @@ def merge_lora_keep_sparsity(peft_model: Any, sample_data: Any = None, adapter_n
         reference = _logits(peft_model, batch)
         with peft_model.disable_adapter():
             without = _logits(peft_model, batch)
-    sparsity_before = _decoder_sparsity(base)
+    sparsity_before = measure_sparsity(base).overall
     masked_ids = _masked_module_ids(base)
     tuner_names = [name for name, module in base.named_modules() if isinstance(module, BaseTunerLayer)]
     outermost = [n for n in tuner_names if not any(n.startswith(t + ".") for t in tuner_names)]
@@ -272,34 +297,35 @@ def merge_lora_keep_sparsity(peft_model: Any, sample_data: Any = None, adapter_n
     dropped = total = 0.0
     modules = dict(base.named_modules())
     for name in logging.tqdm(outermost, desc="Merging LoRA", unit="module", leave=False):
-        layer = modules[name]
-        target = layer.get_base_layer()
-        if id(target) not in masked_ids:
+        for layer in _wrapper_chain(modules[name]):
+            target = layer.get_base_layer()
+            parameter = getattr(layer, "parameter_name", "weight")  # peft's ParamWrapper: a fused expert weight
+            if id(target) not in masked_ids:
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                merged += 1
+                continue
+            original = getattr(target, parameter).detach().clone()
+            pruned = original == 0
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            weight = getattr(target, parameter).data
+            delta = weight.float() - original.float()
+            dropped += float(delta[pruned].pow(2).sum())
+            total += float(delta.pow(2).sum())
+            reset += int((weight[pruned] != 0).sum())
+            weight.masked_fill_(pruned, 0)
+            if pattern.is_nm:
+                for view in _out_in_views(target, parameter, weight):
+                    if not satisfies_nm(view, pattern.n, pattern.m):
+                        raise RuntimeError(f"{name} lost the {pattern} pattern while merging; its base weight did "
+                                           "not have the pattern before the merge")
             merged += 1
-            continue
-        original = target.weight.detach().clone()
-        pruned = original == 0
-        layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        weight = target.weight.data
-        delta = weight.float() - original.float()
-        dropped += float(delta[pruned].pow(2).sum())
-        total += float(delta.pow(2).sum())
-        reset += int((weight[pruned] != 0).sum())
-        weight.masked_fill_(pruned, 0)
-        if pattern.is_nm:
-            view = weight.t() if isinstance(target, Conv1D) else weight
-            if not satisfies_nm(view, pattern.n, pattern.m):
-                raise RuntimeError(f"{name} lost the {pattern} pattern while merging; its base weight did not "
-                                   "have the pattern before the merge")
-        merged += 1
-        masked += 1
-        del original, pruned, delta
+            masked += 1
+            del original, pruned, delta
     model = peft_model.unload()
     report = MergeReport(
         merged_modules=merged, masked_modules=masked, entries_reset=reset,
         discarded_update=math.sqrt(dropped / total) if total > 0 else 0.0, pattern=str(pattern),
-        sparsity_before=sparsity_before, sparsity_after=_decoder_sparsity(model),
+        sparsity_before=sparsity_before, sparsity_after=measure_sparsity(model).overall,
     )
     if batch is not None and reference is not None and without is not None:
         mask = batch.get("attention_mask")

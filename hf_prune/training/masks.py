@@ -18,29 +18,15 @@ Only trainable weights get a mask: a frozen base under a LoRA adapter needs none
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..checkpoint.record import TOLERANCE
-from ..errors import PruningRecordMismatchError
-from ..methods.patterns import Pattern, lowest_per_group, parse_pattern, satisfies_nm
-from ..walker.layout import DecoderLayout, Operator, is_prunable
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model under DDP/accelerate wrappers and a peft ``PeftModel``."""
-    for _ in range(8):  # a few nested wrappers at most
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft PeftModel
-            model = model.get_base_model()
-        elif not hasattr(model, "config") and isinstance(getattr(model, "module", None), nn.Module):  # DDP
-            model = model.module
-        else:
-            break
-    return model
+from ..checkpoint.record import check_operator, check_weights_against_record, recorded_sparsity
+from ..methods.patterns import Pattern, lowest_per_group, parse_pattern
+from ..walker.layout import decoder_operators, unwrap_model
 
 
 def pruning_record(model: nn.Module) -> dict[str, Any] | None:
@@ -49,62 +35,9 @@ def pruning_record(model: nn.Module) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and record else None
 
 
-def _adapter_prefixes(layer: nn.Module) -> list[str]:
-    """Names of the adapter containers (``lora_A``, ``lora_B``...) of peft tuner layers in ``layer``."""
-    prefixes = []
-    for name, module in layer.named_modules():
-        adapter_names = getattr(module, "adapter_layer_names", None)
-        if adapter_names and hasattr(module, "base_layer"):
-            prefixes += [f"{name}.{attr}" if name else attr for attr in adapter_names]
-    return prefixes
-
-
-def decoder_operators(model: nn.Module) -> Iterator[Operator]:
-    """Every Linear/Conv1D inside the decoder layers, named as in the pruning record.
-
-    Works through peft: a LoRA-wrapped ``q_proj`` yields its ``base_layer`` under the name
-    ``...self_attn.q_proj``; the adapter's own ``lora_A``/``lora_B`` are not operators.
-    """
-    layout = DecoderLayout(unwrap_model(model))
-    for index in range(len(layout)):
-        layer = layout.layers[index]
-        skip = _adapter_prefixes(layer)
-        for local, module in layer.named_modules():
-            if not local or not is_prunable(module):
-                continue
-            if any(local == p or local.startswith(p + ".") for p in skip):
-                continue
-            clean = ".".join(part for part in local.split(".") if part != "base_layer")
-            yield Operator(f"{layout.layer_prefix(index)}.{clean}", clean, index, module)
-
-
-def _as_out_in(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
-    return tensor.t() if transposed else tensor
-
-
 _ADVICE = ("it was changed after pruning without hf_prune's SparsityCallback (or merged with a dense adapter "
            "by peft's merge_and_unload); prune it again, or build masks from its current zeros with "
            "pattern='unstructured'")
-
-
-def recorded_sparsity(record: dict[str, Any] | None) -> dict[str, float]:
-    """Module name -> sparsity measured when the record was written."""
-    modules = ((record or {}).get("measured_sparsity") or {}).get("modules") or {}
-    return {name: float(value) for name, value in modules.items()}
-
-
-def _check_operator(op: Operator, expected: float | None, pattern: Pattern) -> None:
-    """Raise ``PruningRecordMismatchError`` if ``op`` has fewer zeros than recorded or lost its N:M pattern."""
-    weight = op.module.weight.detach()
-    if weight.device.type == "meta":
-        raise ValueError(f"{op.name} is on the meta device: load the weights first")
-    zeros = int((weight == 0).sum())
-    if expected is not None and zeros / weight.numel() + TOLERANCE < expected:
-        raise PruningRecordMismatchError(
-            f"{op.name} has {zeros / weight.numel():.4f} zeros but its pruning record says {expected:.4f}: {_ADVICE}"
-        )
-    if pattern.is_nm and zeros and not satisfies_nm(_as_out_in(weight, op.transposed), pattern.n, pattern.m):
-        raise PruningRecordMismatchError(f"{op.name} does not have the {pattern} pattern: {_ADVICE}")
 
 
 def check_pruned_weights(model: nn.Module) -> int:
@@ -115,32 +48,36 @@ def check_pruned_weights(model: nn.Module) -> int:
     record = pruning_record(model)
     if record is None:
         return 0
-    recorded = recorded_sparsity(record)
-    pattern = parse_pattern(record.get("pattern") or "unstructured")
-    checked = 0
-    for op in decoder_operators(model):
-        if recorded.get(op.name, 0.0) > 0:
-            _check_operator(op, recorded[op.name], pattern)
-            checked += 1
-    missing = {name for name, value in recorded.items() if value > 0} - {op.name for op in decoder_operators(model)}
-    if missing:
-        raise PruningRecordMismatchError(f"the pruning record names modules the model lacks: {sorted(missing)[:5]}")
-    return checked
+    return check_weights_against_record(decoder_operators(model), record, _ADVICE)
+
+
+def _as_out_in(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return tensor.t() if transposed else tensor
 
 
 @dataclass
 class MaskedWeight:
     """One pruned weight. ``keep`` is a bool tensor in the weight's storage layout, ``True`` where
-    the entry is kept, or ``None`` when the N:M mask is recomputed from the weight itself."""
+    the entry is kept, or ``None`` when the N:M mask is recomputed from the weight itself.
+
+    ``weight`` is the whole parameter; for one expert's slice of a fused expert weight
+    (``expert`` set) :meth:`part` takes that slice of it, of its gradient or optimizer state.
+    """
 
     name: str
     module: nn.Module
     transposed: bool
     keep: torch.Tensor | None = None
+    parameter: str = "weight"
+    expert: int | None = None
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.module.weight
+        return getattr(self.module, self.parameter)
+
+    def part(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This entry's slice of a tensor shaped like the whole parameter."""
+        return tensor[self.expert] if self.expert is not None else tensor
 
 
 def _group_view(weight: torch.Tensor, transposed: bool, m: int) -> torch.Tensor:
@@ -192,17 +129,16 @@ class SparsityMasks:
         recorded = recorded_sparsity(record)
         entries: list[MaskedWeight] = []
         for op in decoder_operators(model):
-            weight = op.module.weight
-            if trainable_only and not weight.requires_grad:
+            if trainable_only and not op.parameter_tensor().requires_grad:
                 continue
             if record is not None and op.name in recorded and recorded[op.name] <= 0:
                 continue
-            _check_operator(op, recorded.get(op.name), parsed)
-            keep = weight.detach() != 0
+            check_operator(op, recorded.get(op.name), parsed, _ADVICE)
+            keep = op.stored_weight().detach() != 0
             if bool(keep.all()):
                 continue
             stored = keep if (store_nm or not parsed.is_nm) else None
-            entries.append(MaskedWeight(op.name, op.module, op.transposed, stored))
+            entries.append(MaskedWeight(op.name, op.module, op.transposed, stored, op.parameter, op.expert))
         return cls(entries, parsed)
 
     def __len__(self) -> int:
@@ -222,8 +158,8 @@ class SparsityMasks:
     def _zero_gradient(entry: MaskedWeight, grad: torch.Tensor) -> None:
         # Before the optimizer step every pruned entry is exactly zero, so for a recomputed N:M
         # mask the non-zeros are the kept entries (cheaper than ranking the magnitudes).
-        keep = entry.keep if entry.keep is not None else entry.weight.detach() != 0
-        grad.mul_(keep.to(grad.device))
+        keep = entry.keep if entry.keep is not None else entry.part(entry.weight.detach()) != 0
+        entry.part(grad).mul_(keep.to(grad.device))
 
     @torch.no_grad()
     def zero_gradients(self) -> None:
@@ -243,7 +179,7 @@ class SparsityMasks:
         """
         start = time.perf_counter()
         for entry in self.entries:
-            weight = entry.weight.data
+            weight = entry.part(entry.weight.data)
             if entry.keep is not None:
                 weight.mul_(entry.keep.to(weight.device))
                 continue
@@ -310,10 +246,11 @@ class SparsityMasks:
         """
         count = 0
         for entry in self.entries:
+            weight = entry.part(entry.weight)
             if entry.keep is not None:
-                count += int((entry.weight[~entry.keep] != 0).sum())
+                count += int((weight[~entry.keep] != 0).sum())
             else:
-                groups = _group_view(entry.weight, entry.transposed, self.pattern.m)
+                groups = _group_view(weight, entry.transposed, self.pattern.m)
                 count += int(((groups != 0).sum(-1) > self.pattern.n).sum())
         return count
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from tiny_models import VOCAB, tiny_model
+from tiny_models import VOCAB, save_tiny, tiny_model
 
 from hf_prune import MagnitudeConfig, PruningConfig, SparseGPTConfig, WandaConfig
 from hf_prune.card.markdown import escape_markdown
@@ -252,18 +252,8 @@ def test_custom_template(token_ids, tmp_path):
     assert card.text.strip() == "# x\n\n&lt;i&gt;hi&lt;/i&gt;" and "hf-prune" in card.data.tags
 
 
-def test_prune_cli_records_perplexities_in_the_card(tmp_path, monkeypatch):
-    source = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(source)
-
-    class ByteTokenizer:
-        def __call__(self, text, **kwargs):
-            return {"input_ids": [b % VOCAB for b in text.encode()]}
-
-        def save_pretrained(self, directory):
-            Path(directory, "tokenizer_marker.txt").write_text("tiny")
-
-    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: ByteTokenizer())
+def test_prune_cli_records_perplexities_in_the_card(tmp_path):
+    source = save_tiny(tmp_path / "tiny", "llama")
     text = tmp_path / "text.txt"
     text.write_text("evaluation text for the card test. " * 60)
     out = tmp_path / "out"
@@ -340,3 +330,47 @@ def test_without_matplotlib_the_card_has_no_plot(token_ids, tmp_path, monkeypatc
     model.save_pretrained(out)
     card = _card(out)
     assert not (out / PLOT_NAME).exists() and "![" not in card.text and "| 1 | 50.00% | 50.00% |" in card.text
+
+
+def test_standard_structured_card_shows_sizes_and_runtimes(token_ids, tmp_path):
+    from hf_prune import DepthConfig, L1NormStructuredConfig
+
+    model = tiny_model("llama", layers=4)
+    model.prune(DepthConfig(num_layers=1, score="block-influence", device="cpu"), calibration_data=token_ids)
+    model.prune(L1NormStructuredConfig(amount=0.5, heads=True, device="cpu"))
+    out = tmp_path / "standard"
+    model.save_pretrained(out, model_card=CardInfo(repo_id="someone/tiny-shallow"))
+    card = _card(out)
+    kept = json.loads((out / "config.json").read_text())["pruning_config"]["structure"]["kept_layers"]
+    architecture = {row[0]: row[1:] for row in _table_rows(card.text, "| | base model | this model |")}
+    assert architecture["decoder layers"] == ["4", "3"]
+    assert architecture["MLP width (neurons per layer)"] == ["128", "64"]
+    assert architecture["key/value heads per layer"] == ["2", "1"]
+    runtimes = {row[0]: row[1] for row in _table_rows(card.text, "| runtime | loads this checkpoint |")}
+    assert set(runtimes.values()) == {"yes"} and len(runtimes) == 4
+    assert "whole decoder layers and MLP neurons and attention heads were removed" in " ".join(card.text.split())
+    assert 'AutoModelForCausalLM.from_pretrained("someone/tiny-shallow")' in card.text
+    assert 'LLM(model="someone/tiny-shallow")' in card.text
+    rows = _table_rows(card.text, "| layer | MLP neurons kept |")
+    assert len(rows) == 3 and rows[-1][0] == f"2 (layer {kept[-1]} of the base model)"
+    assert "whole decoder layers removed" in card.text  # the depth step
+
+
+def test_non_uniform_structured_card_names_hf_prune_as_the_only_loader(token_ids, tmp_path):
+    from hf_prune import L1NormStructuredConfig
+    from hf_prune.surgery import shrink_mlp
+    from hf_prune.walker.layout import DecoderLayout
+
+    model = tiny_model("llama")
+    model.prune(L1NormStructuredConfig(amount=0.25, device="cpu"))
+    shrink_mlp(DecoderLayout(model), 0, range(40))
+    model.prune(L1NormStructuredConfig(amount=0.0, device="cpu"))
+    out = tmp_path / "uneven"
+    model.save_pretrained(out)
+    card = _card(out)
+    runtimes = {row[0]: row[1] for row in _table_rows(card.text, "| runtime | loads this checkpoint |")}
+    assert runtimes[r"hf\_prune (`AutoPrunedModelForCausalLM`)"] == "yes"
+    assert runtimes["transformers (`AutoModelForCausalLM`)"].startswith("no: the layers have different sizes")
+    assert runtimes["vLLM"].startswith("no: the layers have different sizes")
+    architecture = {row[0]: row[1:] for row in _table_rows(card.text, "| | base model | this model |")}
+    assert architecture["MLP width (neurons per layer)"] == ["128", "40 to 96 (varies by layer)"]

@@ -92,8 +92,28 @@ def test_cpu_chunks_fit_the_byte_budget(token_ids, monkeypatch):
         layout.submodule(0, name).register_forward_pre_hook(
             lambda module, inputs, seen=seen[kind]: seen.append(inputs[0].shape[0]))
     model.prune(WandaConfig(sparsity=0.5, device="cpu"), calibration_data=token_ids)
-    assert seen["mlp"] == [3, 3, 2]  # 8 samples, 3 per chunk: the MLP is 128 wide
-    assert seen["attention"] == [6, 2]  # the attention is 64 wide: twice the samples per chunk
+    # first one sample probes that the block returns its output projection's output, then the chunks
+    assert seen["mlp"] == [1, 3, 3, 2]  # 8 samples, 3 per chunk: the MLP is 128 wide
+    assert seen["attention"] == [1, 6, 2]  # the attention is 64 wide: twice the samples per chunk
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_block_that_scales_its_output_runs_whole(method, token_ids, monkeypatch):
+    """Falcon-H1's MLP multiplies its down projection's output: chunking it would drop the factor."""
+    make = {"wanda": WandaConfig, "sparsegpt": SparseGPTConfig}[method]
+    results = []
+    for chunked in (True, False):
+        monkeypatch.undo()
+        if not chunked:
+            monkeypatch.setattr(layer_pass, "chunked_blocks", _whole_blocks)
+        model = tiny_model("falcon_h1")
+        for layer in DecoderLayout(model).layers:
+            layer.feed_forward.gate_multiplier, layer.feed_forward.down_multiplier = 1.5, 0.5
+        model.prune(make(sparsity=0.5, device="cpu"), calibration_data=token_ids)
+        results.append(model)
+    chunked_state, whole_state = results[0].state_dict(), results[1].state_dict()
+    for name, weight in whole_state.items():
+        torch.testing.assert_close(chunked_state[name], weight, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_batched_statistics_do_not_chunk(token_ids, monkeypatch):

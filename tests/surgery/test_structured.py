@@ -175,8 +175,9 @@ def test_our_loader_names_itself_on_shape_mismatch(token_ids, tmp_path):
     model = tiny_model("llama")
     model.prune(L1NormStructuredConfig(amount=0.5, device="cpu"))
     model.save_pretrained(tmp_path / "out")
-    dense_config = AutoConfig.from_pretrained(tmp_path / "out")
+    dense_config = AutoConfig.from_pretrained(tmp_path / "out")  # uniform sizes: the saved config has them
     del dense_config.pruning_config
+    dense_config.intermediate_size = 128  # a config with the dense sizes and no record
     with pytest.raises(StructureMismatchError, match="AutoPrunedModelForCausalLM"):
         AutoPrunedModelForCausalLM.from_pretrained(tmp_path / "out", config=dense_config)
 

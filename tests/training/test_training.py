@@ -13,7 +13,8 @@ from transformers import Trainer, TrainingArguments
 from hf_prune import AutoPrunedModelForCausalLM, PruningRecordMismatchError, WandaConfig
 from hf_prune.methods.patterns import satisfies_nm
 from hf_prune.training.callback import SparsityCallback, prepare_for_training
-from hf_prune.training.masks import SparsityMasks, decoder_operators
+from hf_prune.training.masks import SparsityMasks
+from hf_prune.walker.layout import decoder_operators
 
 peft = pytest.importorskip("peft")
 from hf_prune.training.lora import apply_lora, merge_lora_keep_sparsity  # noqa: E402

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ...engine.capture import LayerCall
+from ...engine.forward import StopForward, UntilStopped
 from ...walker.layout import DecoderLayout, Operator
 
 
@@ -45,8 +46,8 @@ class Block:
     """
 
     name: str
-    module: nn.Module
-    entry: nn.Module
+    module: nn.Module | None  # None for the "other" operators of the exact swaps (see decoder_blocks)
+    entry: nn.Module | None
     operators: list[Operator]
     weight_names: dict[str, str]
 
@@ -71,25 +72,29 @@ def _parent(path: str) -> str:
     return path.rsplit(".", 1)[0] if "." in path else ""
 
 
-def decoder_blocks(layout: DecoderLayout, index: int, targets: list[Operator]) -> list[Block]:
+def decoder_blocks(layout: DecoderLayout, index: int, targets: list[Operator],
+                   allow_stray: bool = False) -> list[Block]:
     """The self-attention block then the MLP block of layer ``index``, each with its targeted operators.
 
     Blocks without targeted operators are left out. Raises if a targeted operator lies in
-    neither block, since its mask could not be rebuilt.
+    neither block, since its mask could not be rebuilt; with ``allow_stray`` (the exact swaps,
+    which rebuild operator by operator) such operators form a last block ``"other"`` with no module.
     """
-    spec = layout.spec
+    spec = layout.layer_spec(index)  # a layer may lack either block (MoE: no dense MLP; Mamba: no attention)
     layer = layout.layers[index]
     blocks: list[Block] = []
-    attention_path = _parent(spec.o)
-    if not attention_path:
-        raise ValueError(f"{layout.model_type}: the attention output projection {spec.o!r} is not inside a submodule")
-    attention = layout.submodule(index, attention_path)
-    blocks.append(_block("attention", attention, attention, attention_path, targets))
-    mlp_path = _parent(spec.mlp_out)
+    if spec.o is not None:
+        attention_path = _parent(spec.o)
+        if not attention_path:
+            raise ValueError(f"{layout.model_type}: the attention output projection {spec.o!r} is not inside a "
+                             "submodule")
+        attention = layout.submodule(index, attention_path)
+        blocks.append(_block("attention", attention, attention, attention_path, targets))
+    mlp_path = _parent(spec.mlp_out) if spec.mlp_out is not None else None
     if mlp_path:
         mlp = layout.submodule(index, mlp_path)
         blocks.append(_block("mlp", mlp, mlp, mlp_path, targets))
-    else:
+    elif spec.mlp_out is not None:
         if len(spec.mlp_in) != 1 or not isinstance(getattr(layer, "activation_fn", None), nn.Module):
             raise ValueError(f"{layout.model_type}: cannot assemble the MLP block of its decoder layers")
         fc_in = layout.submodule(index, spec.mlp_in[0])
@@ -100,7 +105,9 @@ def decoder_blocks(layout: DecoderLayout, index: int, targets: list[Operator]) -
         blocks.append(Block("mlp", module, fc_in, ops, {op.name: names[op.local_name] for op in ops}))
     covered = {op.name for block in blocks for op in block.operators}
     stray = [op.name for op in targets if op.name not in covered]
-    if stray:
+    if stray and allow_stray:
+        blocks.append(Block("other", None, None, [op for op in targets if op.name not in covered], {}))
+    elif stray:
         raise ValueError(
             f"LLM-Barber rebuilds masks inside the self-attention and MLP blocks only, but {stray} lie outside "
             "them; leave these modules out with `targets`"
@@ -112,10 +119,6 @@ def _block(name: str, module: nn.Module, entry: nn.Module, path: str, targets: l
     prefix = path + "."
     ops = [op for op in targets if op.local_name.startswith(prefix)]
     return Block(name, module, entry, ops, {op.name: op.local_name[len(prefix):] + ".weight" for op in ops})
-
-
-class _BlockReached(Exception):
-    """Raised by the pre-hook to stop the layer's forward once the block's input is known."""
 
 
 def block_calls(layer: nn.Module, block: Block, hidden: torch.Tensor, call: LayerCall,
@@ -137,7 +140,7 @@ def block_calls(layer: nn.Module, block: Block, hidden: torch.Tensor, call: Laye
             key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
             rest = {k: v for k, v in kwargs.items() if k != key}
             caught.append(BlockCall(kwargs[key], (), rest, key, samples))
-        raise _BlockReached
+        raise StopForward
 
     handle = block.entry.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -145,10 +148,8 @@ def block_calls(layer: nn.Module, block: Block, hidden: torch.Tensor, call: Laye
             batch = hidden[start:start + chunk]
             armed, samples = True, batch.shape[0]
             try:
-                with torch.no_grad():
+                with UntilStopped(), torch.no_grad():
                     layer(batch, *call.args, **call.kwargs)
-            except _BlockReached:
-                pass
             finally:
                 armed = False
             if not caught:

@@ -8,7 +8,7 @@ not change. Two ways to choose the swaps:
 * ``rebuild="swaps"`` (default): right after the starting method prunes an operator, each
   row takes the (grow, drop) pair that lowers its output error on the calibration inputs
   most, computed exactly from the input's Gram matrix, again and again while the error
-  falls (``barber_swaps``). The engine walks the operators of a block in order, so each
+  falls (``swaps``). The engine walks the operators of a block in order, so each
   one is rebuilt on the inputs left by the rebuilt operators before it.
 * ``rebuild="gradient"`` (the paper's): per block of the layer (self-attention, then MLP),
   the block's input in the pruned model goes through the dense and the pruned block; the
@@ -16,8 +16,8 @@ not change. Two ways to choose the swaps:
   weight is scored ``|W| * RMS(∇W)`` (root mean square over calibration samples; ``W`` is
   the dense value of a pruned weight, the current one of a kept weight). Pruned weights
   that score high grow back with their dense value, kept weights that score low are
-  dropped. This first-order score lowers the block MSE but did not lower SmolLM2-135M's
-  perplexity (README), hence the exact swaps by default.
+  dropped. This first-order score lowers the block MSE but not the perplexity of a real
+  model (measurements in the README), hence the exact swaps by default.
 
 Only the current layer's targeted weights are copied (dense, before pruning); the dense
 model is never duplicated. Gradients are taken in float32 whatever the model's dtype.
@@ -36,7 +36,7 @@ from transformers.utils import logging
 from ...config import PruningConfig, short_repr
 from ...engine.host_memory import heap_for_temporaries
 from ...engine.statistics import InputStatistics, StatKind
-from ...errors import PruningConfigError
+from ...errors import PruningConfigError, UnsupportedOperatorError
 from ..base import LayerContext, LayerPruner
 from ..patterns import Pattern
 from ..registry import config_class
@@ -267,6 +267,12 @@ class BarberPruner(LayerPruner):
 
     def validate(self, op) -> None:
         self.initial.validate(op)
+        if op.expert is not None and not self._swaps:
+            raise UnsupportedOperatorError(
+                f"LLM-Barber with rebuild='gradient' cannot prune {op.name}, one expert's slice of a fused expert "
+                "weight: its block gradients need a dense MLP block. Use rebuild='swaps' (the default), which "
+                "rebuilds each expert on its own routed tokens, or leave the experts out with `targets`"
+            )
 
     def prune_operator(self, op, weight: torch.Tensor, stats: InputStatistics | None,
                        sparsity: float) -> torch.Tensor:
@@ -303,7 +309,7 @@ class BarberPruner(LayerPruner):
     def finish_layer(self, context: LayerContext) -> bool:
         changed = self.initial.finish_layer(context)
         try:
-            for block in decoder_blocks(context.layout, context.index, context.targets):
+            for block in decoder_blocks(context.layout, context.index, context.targets, allow_stray=self._swaps):
                 if self._swaps:
                     self._record_swaps(context, block)
                 else:
@@ -316,7 +322,7 @@ class BarberPruner(LayerPruner):
         """The ``BlockRebuild`` of a block whose operators the exact swaps already rebuilt."""
         record = BlockRebuild(context.index, block.name, sum(self._swapped.get(op.name, 0) for op in block.operators),
                               sum(op.in_features * op.out_features for op in block.operators))
-        if self.measure_after:
+        if self.measure_after and block.module is not None:  # "other": experts, MLA, mixers: no block to run
             state = float32_state(block.module)
             dense = {op.name: self._dense[op.name].to(torch.float32) for op in block.operators}
             started = {op.name: self._started[op.name] for op in block.operators}

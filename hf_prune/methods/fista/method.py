@@ -38,11 +38,14 @@ from torch import nn
 from transformers.utils import logging
 
 from ...config import PruningConfig, check_device
+from ...engine.collector import StatisticsCollector
+from ...engine.forward import StopForward, UntilStopped
 from ...engine.host_memory import heap_for_temporaries
-from ...engine.statistics import InputStatistics
-from ...errors import LambdaSearchError, PruningConfigError
+from ...engine.statistics import InputStatistics, StatKind
+from ...errors import LambdaSearchError, PruningConfigError, UnsupportedOperatorError
 from ...walker.layout import Operator
 from ..base import LayerContext, LayerPruner
+from ..linalg import damped_cholesky_factors, dead_inputs
 from ..patterns import mask_from_scores
 from ..sparsegpt import sparsegpt_prune
 from .solver import QuadraticProblem, SolverSettings, solve
@@ -166,10 +169,6 @@ class FISTAConfig(PruningConfig):
 
 
 
-class _Captured(Exception):
-    """Raised inside a pre-hook to stop a forward pass once the wanted input is known."""
-
-
 def _capture_input(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, context: LayerContext,
                    name: str) -> torch.Tensor:
     """The input of ``module`` when ``layer`` runs on ``hidden``; the pass stops right there."""
@@ -177,14 +176,12 @@ def _capture_input(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, co
 
     def hook(_module: nn.Module, inputs: tuple) -> None:
         box.append(inputs[0].detach())
-        raise _Captured
+        raise StopForward
 
     handle = module.register_forward_pre_hook(hook)
     try:
-        with torch.no_grad():
+        with UntilStopped(), torch.no_grad():
             layer(hidden, *context.call.args, **context.call.kwargs)
-    except _Captured:
-        pass
     finally:
         handle.remove()
     if not box:
@@ -196,37 +193,28 @@ def _capture_input(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, co
 
 
 def operator_groups(layer: nn.Module, targets: list[Operator], context: LayerContext) -> list[list[Operator]]:
-    """Targeted operators grouped by shared input tensor, in the order the layer calls them."""
-    seen: list[tuple[torch.Tensor, list[Operator]]] = []
-    called: set[str] = set()
+    """Targeted operators grouped by shared input tensor, in the order the layer calls them.
 
-    def hook_for(op: Operator):
-        def hook(_module: nn.Module, inputs: tuple) -> None:
-            if op.name in called:
-                return
-            called.add(op.name)
-            for tensor, ops in seen:
-                if tensor is inputs[0]:
-                    ops.append(op)
-                    return
-            seen.append((inputs[0], [op]))
-
-        return hook
-
-    handles = [op.module.register_forward_pre_hook(hook_for(op)) for op in targets]
+    One sample goes through the layer under the engine's statistics collector, whose
+    operators share a statistics object exactly when they are fed the same tensor.
+    """
+    collector = StatisticsCollector(targets, lambda op: StatKind.NORMS, context.device)
     try:
         with torch.no_grad():
             layer(context.inputs[:1], *context.call.args, **context.call.kwargs)
     finally:
-        for handle in handles:
-            handle.remove()
-    missing = [op.name for op in targets if op.name not in called]
+        collector.remove()
+    missing = [op.name for op in targets if op.name not in collector.stats]
     if missing:
         raise RuntimeError(
             f"targeted operators {missing} were never called in their layer's forward pass, so they have no "
             "calibration inputs; exclude them with `targets`"
         )
-    return [ops for _, ops in seen]
+    by_name = {op.name: op for op in targets}
+    groups: dict[int, list[Operator]] = {}
+    for name, stats in collector.stats.items():  # in call order
+        groups.setdefault(id(stats), []).append(by_name[name])
+    return list(groups.values())
 
 
 @dataclass
@@ -263,6 +251,16 @@ class FISTAPruner(LayerPruner):
         self._lock = threading.Lock()
         #: per operator: (warm-start error, final error, ‖WX‖²/2, rows whose λ search did not bracket ξ)
         self.diagnostics: dict[str, tuple[float, float, float, int]] = {}
+
+    def validate(self, op: Operator) -> None:
+        super().validate(op)
+        if op.expert is not None:
+            raise UnsupportedOperatorError(
+                f"FISTAPruner cannot prune {op.name}, one expert's slice of a fused expert weight: its dense and "
+                "pruned inputs would have to come from the same routed tokens in two passes whose routers may "
+                "choose differently. Prune the experts with SparseGPT, Wanda or LLM-Barber (rebuild='swaps'), or "
+                "leave them to another run: targets=['*self_attn*', '*shared_expert*'] keeps FISTA off the experts"
+            )
 
     # -- one operator -------------------------------------------------------------------------
 
@@ -382,16 +380,14 @@ class FISTAPruner(LayerPruner):
                 self._prune_group(context, groups[index], stats[index])
                 stats[index] = None
                 if not dense_inputs:
-                    raise _Captured  # every group is pruned: the rest of the pass is not needed
+                    raise StopForward  # every group is pruned: the rest of the pass is not needed
 
             return hook
 
         handles = [group[0].module.register_forward_pre_hook(pruning_hook(i)) for i, group in enumerate(groups)]
         try:
-            with torch.no_grad():
+            with UntilStopped(), torch.no_grad():
                 context.layer(context.inputs, *context.call.args, **context.call.kwargs)
-        except _Captured:
-            pass
         finally:
             for handle in handles:
                 handle.remove()
@@ -500,18 +496,11 @@ def corrected_weights(target: torch.Tensor, gram: torch.Tensor, dampening: float
     the error-corrected objective. ``δ`` starts at ``dampening · mean(diag G)`` and grows
     tenfold up to three times while ``G + δI`` is not positive definite.
     """
-    hessian = gram.clone()
-    dead = torch.diagonal(hessian) <= 0
-    hessian[dead, dead] = 1.0
-    mean_diag = torch.diagonal(hessian).mean()
-    for attempt in range(4):
-        damped = hessian.clone()
-        damped.diagonal().add_(dampening * (10**attempt) * mean_diag)
-        factor, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            solved = torch.cholesky_solve(target.t(), factor).t()
-            solved[:, dead] = 0.0
-            return solved
+    dead = dead_inputs(gram)
+    for factor in damped_cholesky_factors(gram, dampening, dead):
+        solved = torch.cholesky_solve(target.t(), factor).t()
+        solved[:, dead] = 0.0
+        return solved
     raise ValueError(
         f"the input Gram matrix of {name} cannot be factored even with 1000x dampening (degenerate calibration "
         "inputs?); use warm_start='wanda' or more calibration text"

@@ -80,15 +80,13 @@ class SolverSettings:
 
 @dataclass
 class SolveResult:
-    """The pruned weight and what the search saw, per row where it is a tensor."""
+    """The pruned weight, the warm start's and the final error per row, and the rows whose λ search
+    never bracketed the requested error share."""
 
     weight: torch.Tensor
     warm_error: torch.Tensor
     error: torch.Tensor
-    lam: torch.Tensor
-    share: torch.Tensor
     unreachable: int
-    iterations: int
 
 
 def soft_threshold(u: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -256,8 +254,7 @@ def solve(problem: QuadraticProblem, warm: torch.Tensor, pattern: Pattern, spars
     warm_keep = keep_mask(warm.abs(), pattern, sparsity)
     v = problem.to_scaled(warm) * warm_keep
     if problem.degenerate:
-        zeros = torch.zeros(rows, dtype=torch.float64, device=device)
-        return SolveResult(problem.from_scaled(v).float(), problem.const / 2, problem.const / 2, zeros, zeros, 0, 0)
+        return SolveResult(problem.from_scaled(v).float(), problem.const / 2, problem.const / 2, 0)
     vg = v @ problem.gram
     best_v, best_keep = v, warm_keep
     best_error = warm_error = problem.error(v, vg)
@@ -266,14 +263,10 @@ def solve(problem: QuadraticProblem, warm: torch.Tensor, pattern: Pattern, spars
     log_lo = log_hi + math.log(settings.lambda_range)
     saw_dense = torch.zeros(rows, dtype=torch.bool, device=device)
     saw_sparse = torch.zeros_like(saw_dense)
-    share = torch.zeros(rows, dtype=torch.float64, device=device)
-    lam = lam_max
-    iterations = 0
     for _ in range(settings.lambda_steps):
         log_mid = 0.5 * (log_lo + log_hi)
         lam = log_mid.exp()
-        v, vg, done = fista(problem, v, lam, settings.max_iters, settings.tol)
-        iterations += done
+        v, vg, _ = fista(problem, v, lam, settings.max_iters, settings.tol)
         keep = keep_mask(problem.from_scaled(v).abs(), pattern, sparsity)
         rounded = v * keep
         rounded_g = rounded @ problem.gram
@@ -296,8 +289,7 @@ def solve(problem: QuadraticProblem, warm: torch.Tensor, pattern: Pattern, spars
             f"for every λ in [{settings.lambda_range:g}, 1] x λ_max). Use another error_share, more lambda_steps, "
             "or strict_lambda=False to keep each row's best rounded candidate"
         )
-    final, final_g, done = fista(problem, best_v, None, settings.refine_iters, settings.tol, keep=best_keep)
-    iterations += done
+    final, final_g, _ = fista(problem, best_v, None, settings.refine_iters, settings.tol, keep=best_keep)
     error = problem.error(final, final_g)
     weight = (problem.from_scaled(final) * best_keep).float()
     if not torch.isfinite(weight).all():
@@ -305,4 +297,4 @@ def solve(problem: QuadraticProblem, warm: torch.Tensor, pattern: Pattern, spars
             f"FISTA diverged on {problem.name} (non-finite weights); try solver_dtype='float64' or check the "
             "calibration data"
         )
-    return SolveResult(weight, warm_error, error, lam, share, unreachable, iterations)
+    return SolveResult(weight, warm_error, error, unreachable)

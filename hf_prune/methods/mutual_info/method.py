@@ -3,7 +3,7 @@
 A neuron whose activation carries the same information as another neuron's is redundant.
 For each decoder layer the activations of the MLP neurons (the input of ``down_proj``) are
 sampled on ``num_tokens`` calibration tokens, the mutual information of every pair of
-neurons is estimated at once (``mi_estimators``), and neurons are removed greedily: each
+neurons is estimated at once (``estimators``), and neurons are removed greedily: each
 step removes the kept neuron with the highest mutual information to another kept neuron,
 until the layer's target count is reached. Of a tied pair, the neuron with the larger total
 mutual information to the kept neurons goes. Constant neurons (no information) go first.
@@ -15,8 +15,8 @@ here is a deterministic greedy pass over all pairs, and the share removed is fix
 Mutual information is blind to scale, and real models have a few neurons with activations
 thousands of times larger than the rest (massive activations, on a handful of tokens).
 Those neurons are strongly dependent on each other, so ranking by mutual information alone
-removes them first: on SmolLM2-135M that took 99.9% of one layer's MLP output energy at
-10% removal and the perplexity went from 22 to 10^4-10^6. ``selection="weighted"`` (the
+removes them first, which wrecks a real model (the README gives the measurements on
+SmolLM2-135M). ``selection="weighted"`` (the
 default, beyond the paper) therefore removes the neuron whose loss the information does not
 cover: for jointly Gaussian neurons the least-squares residual of ``h_r`` given its most
 dependent kept neuron is ``E[h_r²] · exp(-2 I)``, so the cost of removing ``r`` is
@@ -329,7 +329,7 @@ class MutualInfoPruner(StructuredPruner):
         self._drop_sample()
         layout, index = context.layout, context.index
         width = activations.shape[1]
-        count = width - kept_count(width, self.config.amount, self.config.round_to)
+        count = width - kept_count(width, self.config.amount, self.config.neuron_multiple)
         if count == 0:
             return torch.zeros(width)
         down = operator(layout, index, layout.spec.mlp_out)

@@ -30,6 +30,8 @@ class StructuredConfig(PruningConfig):
     """Fields shared by structured methods (MLP neurons, optionally attention heads).
 
     Args:
+        sparsity: for structured methods, the same as ``amount``: the share of MLP neurons
+            removed (``--sparsity`` on the command line sets it); default 0.3.
         amount: share of each layer's MLP neurons removed, in [0, 1), the same in every layer.
             ``sparsity`` mirrors it (pass either; they may not differ); ``pattern`` must stay
             ``"unstructured"``: nothing is zeroed, whole neurons leave the weights. The
@@ -40,6 +42,11 @@ class StructuredConfig(PruningConfig):
         round_to: kept neuron counts are rounded to the nearest multiple of this (default 8),
             so that the MLP widths stay usable by N:M patterns (2:4, 4:8) and fast kernels.
             The removed share is therefore within ``round_to / 2`` neurons of ``amount``.
+        tensor_parallel_size: keep head counts that shard over this many GPUs (with
+            ``heads=True``): the kept query heads are a multiple of it, and the kept KV heads a
+            multiple of it or a divisor of it, as vLLM's tensor parallelism requires; the kept
+            KV group count is the one nearest ``head_amount`` that does (ties: the larger).
+            Kept neuron counts are then also multiples of it (of ``lcm(round_to, size)``).
     """
 
     sparsity: float | None = None
@@ -47,6 +54,7 @@ class StructuredConfig(PruningConfig):
     heads: bool = False
     head_amount: float | None = None
     round_to: int = 8
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         self._check_types()  # amount and sparsity are compared before the shared checks run
@@ -76,6 +84,17 @@ class StructuredConfig(PruningConfig):
             raise PruningConfigError(
                 "round_to", f"round_to must be a positive integer (1 = no rounding), got {self.round_to!r}"
             )
+        if self.tensor_parallel_size < 1:
+            raise PruningConfigError(
+                "tensor_parallel_size",
+                f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}",
+            )
+        if self.tensor_parallel_size > 1 and not self.heads:
+            raise PruningConfigError(
+                "tensor_parallel_size",
+                f"tensor_parallel_size={self.tensor_parallel_size} rounds the kept attention heads, which only "
+                "heads=True removes; pass heads=True or leave tensor_parallel_size at 1"
+            )
         if self.targets is not None:
             raise PruningConfigError(
                 "targets", f"{type(self).__name__} chooses its operators itself (MLP neurons, plus attention heads "
@@ -90,6 +109,11 @@ class StructuredConfig(PruningConfig):
     def effective_head_amount(self) -> float:
         return self.amount if self.head_amount is None else float(self.head_amount)
 
+    @property
+    def neuron_multiple(self) -> int:
+        """Kept neuron counts are multiples of this: ``round_to`` and the tensor-parallel size."""
+        return math.lcm(self.round_to, self.tensor_parallel_size)
+
 
 def kept_count(width: int, amount: float, round_to: int = 1) -> int:
     """Units kept out of ``width`` when removing ``amount`` of them, rounded to a multiple of ``round_to``."""
@@ -98,6 +122,33 @@ def kept_count(width: int, amount: float, round_to: int = 1) -> int:
     exact = width * (1.0 - amount)
     kept = round_to * math.floor(exact / round_to + 0.5)
     return max(0, min(width, kept))
+
+
+def shardable(kv_heads: int, group: int, tensor_parallel_size: int) -> bool:
+    """Whether ``kv_heads`` KV heads with ``group`` query heads each split over ``tensor_parallel_size`` GPUs.
+
+    vLLM splits the query heads evenly, and the KV heads evenly when there are at least as many
+    as GPUs, else replicates them (so their count must divide the GPU count).
+    """
+    size = tensor_parallel_size
+    if kv_heads == 0 or (kv_heads * group) % size:
+        return False
+    return kv_heads % size == 0 if kv_heads >= size else size % kv_heads == 0
+
+
+def kept_groups(kv_heads: int, group: int, amount: float, tensor_parallel_size: int = 1) -> int:
+    """KV groups kept out of ``kv_heads`` when removing ``amount`` of them, shardable over
+    ``tensor_parallel_size`` GPUs (the nearest such count; ties keep more)."""
+    target = kept_count(kv_heads, amount)
+    if tensor_parallel_size == 1 or kv_heads == 0:
+        return target
+    valid = [k for k in range(1, kv_heads + 1) if shardable(k, group, tensor_parallel_size)]
+    if not valid:
+        raise ValueError(
+            f"no number of KV heads up to {kv_heads} (with {group} query heads each) splits over "
+            f"tensor_parallel_size={tensor_parallel_size} GPUs; choose a size that divides the head counts"
+        )
+    return min(valid, key=lambda k: (abs(k - target), -k))
 
 
 def top_units(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -156,7 +207,8 @@ class StructuredPruner(LayerPruner):
         if self.config.heads:
             geometry = attention_geometry(layout, index)
             if geometry.kv_heads:
-                keep = kept_count(geometry.kv_heads, self.config.effective_head_amount)
+                keep = kept_groups(geometry.kv_heads, geometry.group, self.config.effective_head_amount,
+                                   self.config.tensor_parallel_size)
                 scores = self.score_groups(context)
                 changed |= shrink_attention(layout, index, top_units(scores, keep)) > 0
         width = operator(layout, index, layout.spec.mlp_out).in_features
@@ -164,7 +216,7 @@ class StructuredPruner(LayerPruner):
         neurons = torch.arange(width, device="cpu")
         if width:
             scores = self.score_neurons(context)
-            neurons = top_units(scores, kept_count(width, self.config.amount, self.config.round_to))
+            neurons = top_units(scores, kept_count(width, self.config.amount, self.config.neuron_multiple))
             changed |= shrink_mlp(layout, index, neurons) > 0
         self.layer_done(context, neurons, scores)
         return changed

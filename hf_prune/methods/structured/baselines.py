@@ -28,6 +28,8 @@ class L1NormStructuredConfig(StructuredConfig):
 
 
 class L1NormStructuredPruner(StructuredPruner):
+    """Scores neurons (and KV groups) by the L1 norm of their weights; no calibration data."""
+
     uses_activations = False
 
     def score_neurons(self, context: LayerContext) -> torch.Tensor:
@@ -51,6 +53,8 @@ class ActivationNormStructuredConfig(StructuredConfig):
 
 
 class ActivationNormStructuredPruner(StructuredPruner):
+    """Scores neurons by the norm of their activations on calibration data (KV groups likewise)."""
+
     def score_neurons(self, context: LayerContext) -> torch.Tensor:
         return neuron_activation_norms(context)
 
