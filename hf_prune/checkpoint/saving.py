@@ -261,7 +261,11 @@ def staged_directory(save_directory: str | os.PathLike) -> Iterator[Path]:
                 with suppress(OSError):
                     _remove_tree(staging)
             raise
-        if old is not None:
-            _remove_tree(old)
+        if old is not None:  # the new checkpoint is in place: a failure from here on is only untidy
+            try:
+                _remove_tree(old)
+            except OSError as err:
+                logger.warning("saved %s, but could not remove the previous checkpoint at %s (%s); the next save "
+                               "there removes it", final, old, err)
     finally:
         _unlock(fd)

@@ -33,6 +33,7 @@ from transformers.utils import logging
 
 from ..config import PruningConfig
 from ..engine.statistics import InputStatistics, StatKind
+from ..errors import PruningConfigError
 from ..surgery.layers import remove_layers
 from ..walker.layout import Operator
 from .base import LayerContext, LayerPruner, ModelContext
@@ -81,36 +82,41 @@ class DepthConfig(PruningConfig):
     score_samples: int = 16
 
     def __post_init__(self) -> None:
+        self._check_types()  # amount, sparsity and num_layers are compared before the shared checks run
         if self.num_layers is not None:
-            if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 0:
-                raise ValueError(f"num_layers must be a non-negative integer (layers removed), got {self.num_layers!r}")
+            if self.num_layers < 0:
+                raise PruningConfigError("num_layers", f"num_layers must be a non-negative integer (layers removed), "
+                                         f"got {self.num_layers!r}")
             if self.amount is not None:
-                raise ValueError("pass either amount (a share of the layers) or num_layers (a count), not both")
+                raise PruningConfigError("amount", "pass either amount (a share of the layers) or num_layers (a "
+                                         "count), not both")
         elif self.amount is None:
             self.amount = self.sparsity if self.sparsity is not None else DEFAULT_AMOUNT
         if self.amount is not None:
-            if isinstance(self.amount, bool) or not isinstance(self.amount, (int, float)) or not 0 <= self.amount < 1:
-                raise ValueError(f"amount must be in [0, 1) (the share of decoder layers removed), got {self.amount!r}")
-            if self.sparsity is not None and not math.isclose(float(self.sparsity), float(self.amount), abs_tol=1e-9):
-                raise ValueError(f"amount={self.amount} and sparsity={self.sparsity} differ; pass only amount")
-            self.amount = float(self.amount)
+            if not 0 <= self.amount < 1:
+                raise PruningConfigError("amount", f"amount must be in [0, 1) (the share of decoder layers removed), "
+                                         f"got {self.amount!r}")
+            if self.sparsity is not None and not math.isclose(self.sparsity, self.amount, abs_tol=1e-9):
+                raise PruningConfigError("amount", f"amount={self.amount} and sparsity={self.sparsity} differ; pass "
+                                         "only amount")
         self.sparsity = self.amount if self.amount is not None else 0.0
         if self.pattern != "unstructured":
-            raise ValueError(
-                f"pattern={self.pattern!r} does not apply to depth pruning, which removes whole layers; prune again "
-                "afterwards with e.g. WandaConfig(pattern='2:4')"
+            raise PruningConfigError(
+                "pattern", f"pattern={self.pattern!r} does not apply to depth pruning, which removes whole layers; "
+                "prune again afterwards with e.g. WandaConfig(pattern='2:4')"
             )
         super().__post_init__()
         if self.score not in SCORES:
-            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+            raise PruningConfigError("score", f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         for name in ("score_tokens", "score_samples"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if value < 1:
+                raise PruningConfigError(name, f"{name} must be a positive integer, got {value!r}")
         if self.targets is not None:
-            raise ValueError("depth pruning removes whole decoder layers; leave targets unset")
+            raise PruningConfigError("targets", "depth pruning removes whole decoder layers; leave targets unset")
         if self.owl is not None:
-            raise ValueError("owl sets unstructured per-layer sparsities and does not apply to depth pruning")
+            raise PruningConfigError("owl", "owl sets unstructured per-layer sparsities and does not apply to depth "
+                                     "pruning")
 
     def layers_to_remove(self, layers: int) -> int:
         """How many of ``layers`` decoder layers this config removes."""

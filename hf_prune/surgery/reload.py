@@ -40,9 +40,13 @@ def _refuse(key: str, values: Any, expected: str) -> StructureMismatchError:
     )
 
 
-def _size_lists(entry: Any, key: str) -> dict[str, list[int]]:
+def _size_lists(entry: Any, key: str) -> dict[str, list[int]] | None:
+    """The per-layer size lists of ``entry``, or ``None`` when all are ``null`` (a model whose MLP and
+    attention the walker cannot tell apart: mixtures of experts, hybrid layers)."""
     if not isinstance(entry, dict):
         raise _refuse(key, entry, f"a JSON object with the per-layer lists {list(SIZE_KEYS)}")
+    if all(entry.get(name, 0) is None for name in SIZE_KEYS):
+        return None
     sizes: dict[str, list[int]] = {}
     lengths = set()
     for name in SIZE_KEYS:
@@ -57,25 +61,31 @@ def _size_lists(entry: Any, key: str) -> dict[str, list[int]]:
     return sizes
 
 
-def check_structure_entry(structure: Any) -> dict[str, list[int]]:
-    """Validate a record's ``structure`` entry (types, ranges, one entry per layer); return the kept sizes.
+def _layer_count(sizes: dict[str, list[int]] | None) -> int | None:
+    return None if sizes is None else len(sizes[SIZE_KEYS[0]])
+
+
+def check_structure_entry(structure: Any) -> dict[str, list[int]] | None:
+    """Validate a record's ``structure`` entry (types, ranges, one entry per layer, ``kept_layers``
+    naming distinct dense layers in order); return the kept sizes (``None`` when not recorded per layer).
 
     Raises ``StructureMismatchError`` for anything else, without reading the model.
     """
     sizes = _size_lists(structure, "")
     dense = _size_lists(structure.get("dense"), ".dense")
+    kept, dense_layers = _layer_count(sizes), _layer_count(dense)
     kept_layers = structure.get("kept_layers")
-    if kept_layers is None:  # no layer was removed: one dense entry per kept layer
-        if any(len(dense[k]) != len(sizes[k]) for k in SIZE_KEYS):
-            raise _refuse(".dense", structure.get("dense"), "as long as the kept sizes (one entry per layer)")
-    else:  # depth pruning: the dense index of each kept layer, all distinct and inside the dense model
-        dense_layers = len(dense[SIZE_KEYS[0]])
-        if (not isinstance(kept_layers, list) or len(kept_layers) != len(sizes[SIZE_KEYS[0]])
-                or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < dense_layers
-                           for i in kept_layers)
-                or len(set(kept_layers)) != len(kept_layers)):
-            raise _refuse(".kept_layers", kept_layers,
-                          "the distinct dense indices of the kept layers (one per kept layer)")
+    if kept_layers is not None:
+        if (not isinstance(kept_layers, list) or len(kept_layers) > MAX_LAYERS
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in kept_layers)
+                or any(b <= a for a, b in zip(kept_layers, kept_layers[1:]))
+                or (dense_layers is not None and kept_layers and kept_layers[-1] >= dense_layers)
+                or (kept is not None and len(kept_layers) != kept)):
+            raise _refuse(".kept_layers", kept_layers, "the increasing indices of the dense layers that remain, one "
+                          "per remaining layer")
+    elif kept is not None and dense_layers is not None and kept != dense_layers:
+        raise _refuse(".dense", structure.get("dense"), "as long as the kept sizes (one entry per layer) unless "
+                      "kept_layers says which layers remain")
     for name in ("parameters_before", "parameters_after"):
         value = structure.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_SIZE:
@@ -92,9 +102,9 @@ def recorded_structure(config: Any) -> dict[str, Any] | None:
     return structure if structure else None
 
 
-def _sizes(structure: Any, layers: int) -> dict[str, list[int]]:
+def _sizes(structure: Any, layers: int) -> dict[str, list[int]] | None:
     sizes = check_structure_entry(structure)
-    for key, values in sizes.items():
+    for key, values in (sizes or {}).items():
         if len(values) != layers:
             raise _refuse(f".{key}", values, f"a list of {layers} non-negative integers (one per decoder layer)")
     return sizes
@@ -104,6 +114,8 @@ def apply_structure(model: nn.Module, structure: Any) -> None:
     """Shrink a freshly built (dense) model's layers to the sizes in ``structure``."""
     layout = DecoderLayout(model)
     sizes = _sizes(structure, len(layout))
+    if sizes is None:  # no per-layer sizes recorded (layers removed whole, widths unchanged)
+        return
     for index in range(len(layout)):
         current = layer_sizes(layout, index)
         neurons, heads, kv_heads = (sizes[key][index] for key in SIZE_KEYS)

@@ -99,10 +99,26 @@ def test_compressed_layout_reader_on_any_json_value(value):
 @given(json_values | st.fixed_dictionaries(
     {key: json_values | st.lists(st.integers(-2, 300), max_size=3) for key in
      ("mlp_neurons", "attention_heads", "kv_heads")},
-    optional={"dense": json_values, "parameters_before": json_values, "parameters_after": json_values},
+    optional={"dense": json_values, "parameters_before": json_values, "parameters_after": json_values,
+              "kept_layers": json_values | st.lists(st.integers(-1, 5), max_size=4)},
 ))
 def test_structure_reader_on_any_json_value(records, value):
     _, model = records
     _library_or_ok(check_structure_entry, value)
     fresh = tiny_model("llama")
     _library_or_ok(lambda v: apply_structure(fresh, v), value)
+
+
+def test_structure_of_removed_layers_names_the_kept_ones():
+    dense = {"mlp_neurons": [128] * 4, "attention_heads": [4] * 4, "kv_heads": [2] * 4}
+    entry = {"mlp_neurons": [128, 64, 128], "attention_heads": [4] * 3, "kv_heads": [2] * 3, "dense": dense,
+             "kept_layers": [0, 2, 3], "parameters_before": 10, "parameters_after": 8}
+    assert check_structure_entry(entry)["mlp_neurons"] == [128, 64, 128]
+    unknown = {**entry, "mlp_neurons": None, "attention_heads": None, "kv_heads": None,
+               "dense": {key: None for key in dense}}  # a mixture of experts: layers removed, sizes not per layer
+    assert check_structure_entry(unknown) is None
+    for kept in ([0, 2], [2, 0, 3], [0, 2, 4], [0, 0, 3], [0, 2, True], "0,2,3"):
+        with pytest.raises(HfPruneError, match="kept_layers"):
+            check_structure_entry({**entry, "kept_layers": kept})
+    with pytest.raises(HfPruneError, match="unless kept_layers"):
+        check_structure_entry({k: v for k, v in entry.items() if k != "kept_layers"})
