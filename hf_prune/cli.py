@@ -359,7 +359,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_eval_args(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--eval-text", required=required,
-                        help="text file (or 'wikitext2') for perplexity, e.g. ../shared/data/wiki_sample.txt")
+                        help="text file for perplexity, e.g. ../shared/data/wiki_sample.txt, or 'wikitext2' (needs "
+                             "the datasets package and the Hub)")
     parser.add_argument("--eval-seq-len", type=int, default=512, help="tokens per perplexity window")
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
 
@@ -380,7 +381,8 @@ def make_parser() -> argparse.ArgumentParser:
                        help="'unstructured', '2:4', '4:8', ... (N kept in every M inputs; M must divide every "
                             "targeted width)")
     prune.add_argument("--calibration", default="c4",
-                       help="'c4' (falls back to the bundled sample offline), 'c4-sample', 'wikitext2' or a file")
+                       help="'c4' (from the Hub, needs the datasets package; without it or offline: the bundled "
+                            "C4 sample, with a warning saying which), 'c4-sample' (bundled), 'wikitext2' or a file")
     prune.add_argument("--calibration-data", default=None, help="a text file that overrides --calibration")
     prune.add_argument("--num-samples", type=int, default=128)
     prune.add_argument("--seq-len", type=int, default=2048)

@@ -48,7 +48,7 @@ def test_python_section_runs_offline(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "snippet.py"], cwd=work, env=env, capture_output=True, text=True,
-                          timeout=1800)
+                          timeout=3600)  # took 37 min on a heavily shared 2-core machine
     assert done.returncode == 0, done.stderr[-3000:]
     assert "overall sparsity of decoder Linear weights: 0.5" in done.stdout
     perplexity = float(done.stdout.strip().splitlines()[-1])
