@@ -86,7 +86,7 @@ def routed_forward(bank: ExpertBank, ops: list[Operator], observe: Callable[[Ope
                     continue
                 gates = weights[token, slot]
                 y = run_expert(expert, hidden[token], gates)
-                out.index_add_(0, token, (y * gates.unsqueeze(-1).to(y.dtype)).to(out.dtype))
+                out.index_put_((token,), (y * gates.unsqueeze(-1).to(y.dtype)).to(out.dtype), accumulate=True)
         finish()
         return out
 
