@@ -203,6 +203,7 @@ class PrunedModelForCausalLM:
         self.config.pruning_config["source"] = source
         if run.experts is not None:
             self.config.pruning_config["experts"] = run.experts
+        self.config.pruning_config.update(run.record_entries or {})
         self.pruning_config = config
         self._describe_removal(report)
         logger.info("pruned with %s in %.1fs: %s", config.method, run.seconds, report.summary())

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..walker.experts import read_expert_bank
 from ..walker.layout import Operator
-from .experts import routed_forward
+from .experts import ExpertOutputObserver, routed_forward
 from .statistics import InputStatistics, StatKind
 
 
@@ -27,7 +27,8 @@ class StatisticsCollector:
     Slices of fused expert weights have no module of their own: the forward of their
     experts module is replaced, while the collector lives, by one that feeds each expert's
     slices with the tokens routed to that expert only (``engine.experts``;
-    ``gate_weighting`` weights each token by its router gate value).
+    ``gate_weighting`` weights each token by its router gate value; ``on_expert_output`` sees
+    each expert's output on its tokens).
     """
 
     def __init__(
@@ -37,6 +38,7 @@ class StatisticsCollector:
         device: torch.device,
         on_ready: Callable[[Operator, InputStatistics | None], None] | None = None,
         gate_weighting: bool = False,
+        on_expert_output: ExpertOutputObserver | None = None,
     ) -> None:
         self.device = device
         self.on_ready = on_ready
@@ -59,7 +61,7 @@ class StatisticsCollector:
             self._patched.append((module, module.__dict__.get("forward")))  # accelerate keeps its hook there
             module.forward = routed_forward(read_expert_bank("", module, None), bank_ops,
                                             lambda op, x: self.observe(op, x, remember=False), self._ready_once,
-                                            gate_weighting)
+                                            gate_weighting, on_expert_output)
 
     def _hook_for(self, op: Operator):
         def hook(module: nn.Module, inputs: tuple) -> None:

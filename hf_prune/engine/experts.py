@@ -19,6 +19,11 @@ it enters the statistics (Gram matrices and Wanda norms then weight the token by
 so that rarely-chosen, low-gate tokens count less. Llama 4's experts get inputs already
 multiplied by their gate, which is what their statistics see either way.
 
+``on_output``, when given, sees each expert's output on its routed tokens before the gate is
+applied: ``on_output(module, expert, gates, output)`` with the gate values of those tokens
+(``None`` for Llama 4, whose inputs already carry them). Expert pruning (``methods.experts``)
+scores experts from it.
+
 Experts that receive no token in a batch are marked ready at the end of the call with
 what they have (possibly nothing); the pruner falls back to a data-free rule for experts
 below its token floor (``LayerPruner.prune_in_place``).
@@ -51,11 +56,17 @@ def _routing_arguments(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tenso
     return values[0], values[1], values[2]
 
 
+#: ``on_output(experts module, expert, gate values or None, expert output before the gate)``
+ExpertOutputObserver = Callable[[torch.nn.Module, int, "torch.Tensor | None", torch.Tensor], None]
+
+
 def routed_forward(bank: ExpertBank, ops: list[Operator], observe: Callable[[Operator, torch.Tensor], None],
-                   ready: Callable[[Operator], None], gate_weighting: bool) -> Callable[..., torch.Tensor]:
+                   ready: Callable[[Operator], None], gate_weighting: bool,
+                   on_output: ExpertOutputObserver | None = None) -> Callable[..., torch.Tensor]:
     """A forward for ``bank`` that runs each expert on its routed tokens only, calling
     ``observe(op, input)`` and then ``ready(op)`` for each of the expert's targeted slices
-    (``ops``) before the slice is used; slices whose expert got no token are made ready last."""
+    (``ops``) before the slice is used; slices whose expert got no token are made ready last.
+    ``on_output`` (optional) sees every expert's output on its tokens, with their gate values."""
     by_slice = {(op.parameter, op.expert): op for op in ops}
     first = bank.projections[0].parameter
     down = next(p.parameter for p in bank.projections if p.role == "down")
@@ -70,7 +81,10 @@ def routed_forward(bank: ExpertBank, ops: list[Operator], observe: Callable[[Ope
         take(by_slice.get((first, expert)), x, scale)
         h = bank.activations(expert, x)
         take(by_slice.get((down, expert)), h, scale)
-        return bank.output(expert, h)
+        y = bank.output(expert, h)
+        if on_output is not None:
+            on_output(bank.module, expert, gates, y)
+        return y
 
     def finish() -> None:
         for op in ops:

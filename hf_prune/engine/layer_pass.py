@@ -31,6 +31,7 @@ from ..walker.layout import DecoderLayout, Operator
 from .capture import LayerCall, move_to
 from .chunking import chunked_blocks
 from .collector import StatisticsCollector
+from .experts import ExpertOutputObserver
 from .forward import check_finite, run_layer
 from .offload import OffloadStats, layer_on_device
 from .statistics import InputStatistics, StatKind
@@ -68,6 +69,7 @@ def observe_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, batch
                   on_ready: Callable[[Operator, InputStatistics | None], None] | None = None,
                   chunking: Callable[[StatisticsCollector], AbstractContextManager] | None = None,
                   gate_weighting: bool = False,
+                  on_expert_output: ExpertOutputObserver | None = None,
                   ) -> tuple[torch.Tensor, dict[str, InputStatistics], set[str]]:
     """Run ``hidden`` through ``layer`` with statistics hooks on ``ops``; return the outputs, the
     statistics per operator name and the operators pruned inside the pass (via ``on_ready``).
@@ -77,7 +79,8 @@ def observe_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, batch
     (weighted by the router's gate values with ``gate_weighting``). Raises
     ``NonFiniteActivationError`` on NaN/Inf outputs.
     """
-    collector = StatisticsCollector(ops, kind_for, device, on_ready=on_ready, gate_weighting=gate_weighting)
+    collector = StatisticsCollector(ops, kind_for, device, on_ready=on_ready, gate_weighting=gate_weighting,
+                                    on_expert_output=on_expert_output)
     try:
         with chunking(collector) if chunking is not None else contextlib.nullcontext():
             outputs = run_layer(layer, hidden, call, batch_size, collector.end_batch)
@@ -113,6 +116,7 @@ def prune_layer(pruner: LayerPruner, layout: DecoderLayout, index: int, targets:
             on_ready=prune_now if one_pass else None,
             chunking=(lambda collector: chunked_blocks(layout, index, targets, collector)) if one_pass else None,
             gate_weighting=pruner.config.expert_gate_weighting,
+            on_expert_output=pruner.observe_expert_output if pruner.observes_expert_outputs else None,
         )
         context.outputs = outputs
         missing = [op.name for op in targets if op.name not in done] if one_pass else []

@@ -44,6 +44,7 @@ class PruningRun:
     offload: OffloadStats | None = None
     kept_layers: list[int] | None = None
     experts: dict | None = None  # per-expert calibration tokens and fallbacks (MoE), for the record
+    record_entries: dict | None = None  # what the method adds to the pruning record (removed experts...)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -64,6 +65,7 @@ def _plan(model: PreTrainedModel, config: PruningConfig
     for ops in targets:
         for op in ops:
             pruner.validate(op)
+    pruner.validate_layout(layout)
     return layout, pruner, targets, resolve_device(config.device)
 
 
@@ -111,14 +113,19 @@ def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: Cali
                                          config.batch_size or 1))
     finally:
         model.train(was_training)
-    experts = expert_calibration_record(targets, pruner.expert_tokens, pruner.expert_fallbacks,
-                                        config.expert_token_floor, config.expert_gate_weighting)
+    # a method that removed experts records them itself; the per-expert calibration record would
+    # describe the removed experts' slices
+    experts = None if pruner.observes_expert_outputs else expert_calibration_record(
+        targets, pruner.expert_tokens, pruner.expert_fallbacks, config.expert_token_floor,
+        config.expert_gate_weighting)
+    entries = dict(pruner.record_entries) or None
     remaining = {id(layer) for layer in layout.layers}
     kept = [index for index, layer in enumerate(layers_before) if id(layer) in remaining]
     if len(kept) == len(layers_before):
-        return PruningRun(sparsities, time.perf_counter() - start_time, offload, experts=experts)
+        return PruningRun(sparsities, time.perf_counter() - start_time, offload, experts=experts,
+                          record_entries=entries)
     return PruningRun([sparsities[i] for i in kept], time.perf_counter() - start_time, offload, kept_layers=kept,
-                      experts=experts)
+                      experts=experts, record_entries=entries)
 
 
 def _prune_sequentially(layout: DecoderLayout, targets: list[list[Operator]], pruner: LayerPruner,

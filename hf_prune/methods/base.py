@@ -113,11 +113,17 @@ class LayerPruner(ABC):
             :attr:`worker_devices` and ``torchrun`` ranks.
         worker_devices (`list[str]` or `None`): devices to spread independent layers over;
             ``None`` lets the engine choose (every visible GPU, else the main device).
+        observes_expert_outputs (`bool`, class attribute): whether the engine calls
+            :meth:`observe_expert_output` with every routed expert's output during the
+            statistics pass (mixture-of-experts layers; expert pruning scores experts from it).
+        record_entries (`dict`): entries the method adds to the pruning record
+            (``config.json["pruning_config"]``), keyed by record key, set while it runs.
     """
 
     prunes_operators: bool = True
     layers_take_dense_inputs: bool = False
     worker_devices: list[str] | None = None
+    observes_expert_outputs: bool = False
 
     def __init__(self, config: PruningConfig) -> None:
         self.config = config
@@ -126,6 +132,19 @@ class LayerPruner(ABC):
         self.expert_tokens: dict[str, int] = {}
         #: expert slices pruned by magnitude because their expert got fewer tokens than the floor
         self.expert_fallbacks: set[str] = set()
+        self.record_entries: dict = {}
+
+    def validate_layout(self, layout: DecoderLayout) -> None:
+        """Raise before any work if the model as a whole cannot take this method (shapes only:
+        ``layout.model`` may be a skeleton on the meta device)."""
+        return None
+
+    def observe_expert_output(self, module: nn.Module, expert: int, gates: torch.Tensor | None,
+                              output: torch.Tensor) -> None:
+        """With :attr:`observes_expert_outputs`: expert ``expert`` of the experts ``module`` produced
+        ``output`` (``[tokens, hidden]``, before its gate) for the tokens routed to it, whose router gate
+        values are ``gates`` (``[tokens]``; ``None`` when the inputs already carry them, as in Llama 4)."""
+        return None
 
     def statistics_kind(self, op: Operator) -> StatKind:
         """Which input statistics to collect for ``op`` (none by default)."""
