@@ -30,6 +30,7 @@ from .errors import (
 from .inference.sparse_kernels import SparseKernelReport, sparse_kernel_plan, to_sparse_kernels
 from .methods.barber.method import BarberConfig
 from .methods.depth import DepthConfig
+from .methods.experts import ExpertPruningConfig
 from .methods.fista.method import FISTAConfig
 from .methods.llm_rank import LLMRankConfig
 from .methods.magnitude import MagnitudeConfig
@@ -51,6 +52,7 @@ __all__ = [
     "CalibrationError",
     "CompressedCheckpointError",
     "DepthConfig",
+    "ExpertPruningConfig",
     "FISTAConfig",
     "HfPruneError",
     "L1NormStructuredConfig",

@@ -52,6 +52,37 @@ def _check_measurement(measured: Any, path: str) -> None:
         _share(value, f"{path}.per_layer[{i}]")
 
 
+def _natural(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_removed_experts(entry: Any, path: str) -> None:
+    """The experts an expert-pruning run removed (``methods.experts``): counts before and after, and
+    per MoE layer the removed experts, routed tokens and scores."""
+    if not isinstance(entry, dict):
+        raise _refuse(path, f"must be a JSON object, got {short_repr(entry)}")
+    for key in ("experts_before", "experts_after"):
+        if not _natural(entry.get(key)):
+            raise _refuse(f"{path}.{key}", f"must be a non-negative integer, got {short_repr(entry.get(key))}")
+    if entry["experts_after"] > entry["experts_before"]:
+        raise _refuse(path, "keeps more experts than it started from")
+    layers = entry.get("layers", [])
+    if not isinstance(layers, list):
+        raise _refuse(f"{path}.layers", f"must be a list, got {short_repr(layers)}")
+    for i, layer in enumerate(layers):
+        where = f"{path}.layers[{i}]"
+        if not isinstance(layer, dict) or not _natural(layer.get("layer")):
+            raise _refuse(where, f"must be a JSON object with an integer 'layer', got {short_repr(layer)}")
+        for key in ("removed", "tokens"):
+            values = layer.get(key, [])
+            if not isinstance(values, list) or not all(_natural(v) for v in values):
+                raise _refuse(f"{where}.{key}", f"must be a list of non-negative integers, got {short_repr(values)}")
+        scores = layer.get("scores", [])
+        if not isinstance(scores, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scores):
+            raise _refuse(f"{where}.scores", f"must be a list of finite numbers, got {short_repr(scores)}")
+
+
 def _check_run(record: dict[str, Any], path: str, require_measurement: bool) -> None:
     """One pruning run: its configuration, measurements and flat descriptions."""
     try:
@@ -81,6 +112,8 @@ def _check_run(record: dict[str, Any], path: str, require_measurement: bool) -> 
         for k, v in entry.items():
             if isinstance(v, float) and not math.isfinite(v):
                 raise _refuse(f"{path}.{key}.{k}", f"must be finite, got {v}")
+    if record.get("removed_experts") is not None:
+        _check_removed_experts(record["removed_experts"], f"{path}.removed_experts")
     version = record.get("hf_prune_version")
     if version is not None and not isinstance(version, str):
         raise _refuse(f"{path}.hf_prune_version", f"must be a string, got {short_repr(version)}")

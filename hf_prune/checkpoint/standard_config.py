@@ -87,8 +87,12 @@ def standard_export(model: nn.Module) -> StandardExport:
 
     The fields are checked the way a runtime would use them: the family's config class must
     accept them and the model it builds from them must have exactly ``model``'s parameter shapes.
+    A config that already builds those shapes (nothing shrunk, decoder layers or routed experts
+    removed with the config updated) is standard as it is, whatever the family.
     """
     config = model.config
+    if _config_builds(model):  # the config already describes every layer (also MoE models after expert pruning)
+        return StandardExport(True)
     fields = SIZE_FIELDS.get(getattr(config, "model_type", None))
     if fields is None:
         return StandardExport(False, reason=f"hf_prune does not know the size fields of {config.model_type!r} configs")
@@ -128,6 +132,14 @@ def standard_export(model: nn.Module) -> StandardExport:
 def config_with(config: PretrainedConfig, fields: dict[str, Any]) -> PretrainedConfig:
     """A copy of ``config`` with ``fields`` set, validated by its class as when loading ``config.json``."""
     return type(config).from_dict({**config.to_dict(), **fields})
+
+
+def _config_builds(model: nn.Module) -> bool:
+    """Whether the model transformers builds from ``model.config`` as it stands has ``model``'s parameter shapes."""
+    try:
+        return _mismatch_when_built(model, {}) is None
+    except Exception:  # noqa: BLE001 - a config that cannot be built as is: fall back to the size fields
+        return False
 
 
 def _mismatch_when_built(model: nn.Module, fields: dict[str, Any]) -> str | None:

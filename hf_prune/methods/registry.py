@@ -41,6 +41,7 @@ METHODS: dict[str, MethodEntry] = {
         "structured.baselines", "ActivationNormStructuredConfig", "ActivationNormStructuredPruner"
     ),
     "depth": MethodEntry("depth", "DepthConfig", "DepthPruner"),
+    "expert-pruning": MethodEntry("experts", "ExpertPruningConfig", "ExpertPruner"),
 }
 
 

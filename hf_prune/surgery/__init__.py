@@ -1,4 +1,4 @@
-"""Model surgery: removing MLP neurons, attention heads and decoder layers physically, and rebuilding
+"""Model surgery: removing MLP neurons, attention heads, decoder layers and routed experts physically, and rebuilding
 recorded shapes.
 
 The model gets smaller and faster; per-layer sizes are recorded in
@@ -6,6 +6,7 @@ The model gets smaller and faster; per-layer sizes are recorded in
 ``AutoPrunedModelForCausalLM.from_pretrained`` before the weights load.
 """
 
+from .experts import remove_experts, set_expert_count
 from .geometry import AttentionGeometry, LayerSizes, attention_geometry, layer_sizes
 from .layers import remove_layers
 from .reload import LOADER_ADVICE, apply_structure, rebuild_recorded_structure
@@ -23,7 +24,9 @@ __all__ = [
     "layer_sizes",
     "model_shape",
     "rebuild_recorded_structure",
+    "remove_experts",
     "remove_layers",
+    "set_expert_count",
     "shrink_attention",
     "shrink_mlp",
     "structure_record",

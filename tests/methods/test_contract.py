@@ -2,9 +2,9 @@
 
 Runs over ``hf_prune.methods.registry.METHODS``, so a newly registered method is covered
 without touching this file. Weight-pruning methods are checked with 50% unstructured and 2:4;
-structured methods (which remove neurons, heads or layers: their config has ``amount``) with a 50% cut,
-which every layer takes alike, so the saved config states the smaller sizes and plain transformers
-loads every checkpoint.
+structured methods (which remove neurons, heads, layers or experts: their config has ``amount``) with a 50%
+cut, which every layer takes alike, so the saved config states the smaller sizes and plain transformers
+loads every checkpoint. Methods for mixture-of-experts models only (``needs_experts``) run on a tiny Mixtral.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_registry_names_match_classes():
 
 @pytest.mark.parametrize(("name", "pattern"), CASES)
 def test_method_contract(name, pattern, token_ids, tmp_path):
-    model = tiny_model("llama")
+    model = tiny_model("mixtral" if getattr(config_class(name), "needs_experts", False) else "llama")
     config = _config(name, pattern)
     dense_parameters = count_parameters(model)
     model.prune(config, calibration_data=token_ids)
