@@ -241,6 +241,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     results["summary"] = report.summary()
     what = (f"{config.method} (structured, amount {config.sparsity:g})" if _is_structured(config)
             else f"{config.method} ({config.pattern})")
+    if getattr(config, "num_experts_to_keep", None) is not None:
+        what = f"{config.method} (structured, {config.num_experts_to_keep} routed experts kept per MoE layer)"
+    elif hasattr(config, "num_experts_to_keep"):
+        what = f"{config.method} (structured, amount {config.sparsity:g} of the routed experts)"
     print(f"pruned with {what} in {results['prune_seconds']:.1f}s: {report.summary()}")
     structure = (model.config.pruning_config or {}).get("structure")
     if structure:  # neurons, heads or layers were removed: say how much smaller the model is
@@ -250,6 +254,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"parameters: {structure['parameters_after']:,} of {structure['parameters_before']:,} "
               f"({structure['parameters_after'] / structure['parameters_before']:.4f}); decoder layers: "
               f"{len(structure['mlp_neurons'])} of {len(structure['dense']['mlp_neurons'])}")
+    experts = (model.config.pruning_config or {}).get("removed_experts")
+    if experts:  # routed experts were removed: say how many are left and how much smaller the model is
+        results["parameters_before"] = experts["parameters_before"]
+        results["parameters_after"] = experts["parameters_after"]
+        results["routed_experts"] = [experts["experts_after"], experts["experts_before"]]
+        print(f"parameters: {experts['parameters_after']:,} of {experts['parameters_before']:,} "
+              f"({experts['parameters_after'] / experts['parameters_before']:.4f}); routed experts per MoE layer: "
+              f"{experts['experts_after']} of {experts['experts_before']} ({experts['config_field']} in config.json)")
     if args.eval_text:
         results["perplexity_after"] = _perplexity(model, tokenizer, args)
         print(f"perplexity after:  {results['perplexity_after']:.3f}")

@@ -89,6 +89,25 @@ def test_max_memory_needs_a_device_map(saved_model, capsys):
               "--max-memory", "1GiB"])
 
 
+def test_expert_pruning_from_the_command_line(tmp_path, capsys):
+    source = save_tiny(tmp_path / "moe", family="mixtral")
+    text = tmp_path / "text.txt"
+    text.write_text("calibration text for routed experts on the command line. " * 80)
+    out = tmp_path / "fewer-experts"
+    code = main(["prune", "--model", str(source), "--method", "expert-pruning", "--param", "amount=0.5",
+                 "--param", "score=reap", "--calibration", str(text), "--num-samples", "4", "--seq-len", "64",
+                 "--device", "cpu", "--output", str(out), "--json"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "routed experts per MoE layer: 2 of 4 (num_local_experts in config.json)" in printed
+    results = json.loads(printed[printed.index("{"):])
+    assert results["routed_experts"] == [2, 4] and results["parameters_after"] < results["parameters_before"]
+    model = AutoModelForCausalLM.from_pretrained(out)  # a standard checkpoint with fewer experts
+    assert model.config.num_local_experts == 2 and model.model.layers[0].mlp.experts.down_proj.shape[0] == 2
+    card = (out / "README.md").read_text()
+    assert "## Experts removed per layer" in card and "| transformers (`AutoModelForCausalLM`) | yes |" in card
+
+
 def test_depth_pruning_from_the_command_line(saved_model, tmp_path, capsys):
     source, text = saved_model
     out = tmp_path / "shallow"

@@ -190,12 +190,59 @@ def architecture_rows(structure: dict[str, Any] | None) -> list[tuple[str, str, 
 
 
 def structured_steps(chain: list[dict[str, Any]]) -> list[bool]:
-    """Which runs removed neurons or heads: those after which the ``structure`` entry changed."""
+    """Which runs removed neurons, heads, layers or experts: those after which the ``structure`` entry
+    changed, and those that removed routed experts (``removed_experts``)."""
     flags = []
     for index, record in enumerate(chain):
         before = chain[index - 1].get("structure") if index else None
-        flags.append(bool(record.get("structure")) and record.get("structure") != before)
+        shrank = bool(record.get("structure")) and record.get("structure") != before
+        flags.append(shrank or expert_removal(record) is not None)
     return flags
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def expert_removal(record: dict[str, Any]) -> dict[str, Any] | None:
+    """What a run of expert pruning removed, from its ``removed_experts`` entry (``None`` for other runs).
+
+    ``layers`` holds one ``{"layer", "kept", "removed"}`` row per mixture-of-experts layer, the
+    removed experts numbered as in the model the run started from.
+    """
+    entry = record.get("removed_experts")
+    if not isinstance(entry, dict):
+        return None
+    before, after = _count(entry.get("experts_before")), _count(entry.get("experts_after"))
+    if before is None or after is None:
+        return None
+    layers = []
+    for item in entry.get("layers") if isinstance(entry.get("layers"), list) else []:
+        if not isinstance(item, dict) or _count(item.get("layer")) is None:
+            continue
+        removed = [e for e in item.get("removed") or [] if _count(e) is not None] \
+            if isinstance(item.get("removed"), list) else []
+        layers.append({"layer": item["layer"], "kept": f"{before - len(removed)} / {before}",
+                       "removed": ", ".join(str(e) for e in removed) or "none"})
+    score = str(entry.get("score") or "")
+    return {
+        "before": before, "after": after, "field": str(entry.get("config_field") or ""),
+        "score": {"reap": "REAP saliency (mean over routed calibration tokens of gate value x L2 norm of the "
+                          "expert's output)",
+                  "frequency": "routing frequency (calibration tokens routed to each expert)"}.get(score, score),
+        "layers": layers,
+        "parameters_before": _count(entry.get("parameters_before")),
+        "parameters_after": _count(entry.get("parameters_after")),
+    }
+
+
+def model_expert_removal(chain: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Routed experts per MoE layer before the first expert-pruning run and after the last, with the
+    last run's per-layer rows; ``None`` when no run removed experts."""
+    runs = [facts for facts in (expert_removal(r) for r in chain) if facts is not None]
+    if not runs:
+        return None
+    return {**runs[-1], "before": runs[0]["before"], "parameters_before": runs[0]["parameters_before"]}
 
 
 def heads_removed(rows: list[dict[str, Any]] | None) -> bool:

@@ -31,7 +31,9 @@ from .facts import (
     Checkpoint,
     architecture_rows,
     expert_facts,
+    expert_removal,
     heads_removed,
+    model_expert_removal,
     read_checkpoint,
     removed_units,
     runtimes,
@@ -191,7 +193,8 @@ def _metadata(checkpoint: Checkpoint, info: CardInfo, kinds: _Kinds, base_model:
               license_id: str | None, model_name: str) -> ModelCardData:
     chain = checkpoint.chain
     tags = ["pruned", "hf-prune", *(str(r.get("method", "")) for r in chain)]
-    tags += (["structured"] if kinds.structure else []) + (["unstructured"] if kinds.unstructured else [])
+    tags += (["structured"] if kinds.structure or model_expert_removal(chain) else []) + (
+        ["unstructured"] if kinds.unstructured else [])
     tags += [f"sparsity-{p.n}of{p.m}" for p in (parse_pattern(r.get("pattern", "unstructured")) for r in chain)
              if p.is_nm]
     datasets = []
@@ -243,6 +246,7 @@ def _step_rows(chain: list[dict[str, Any]], shrinks: list[bool]) -> list[dict[st
             "sparsity": _percent(record.get("sparsity")),
             "owl": bool(record.get("owl")),
             "experts": expert_facts(record),
+            "removed_experts": expert_removal(record),
             "structured": shrank,
             "units": ", ".join(removed_units(record.get("structure"), before)) if shrank else "",
             "targets": [code_span(t) for t in record.get("targets") or []],
@@ -270,7 +274,8 @@ def _sizes(checkpoint: Checkpoint, source: dict[str, Any]) -> dict[str, str]:
     modules = (chain[-1].get("measured_sparsity") or {}).get("modules") or {}
     zeros = sum(round(s * _elements(checkpoint.tensors, name, modules)) for name, s in modules.items())
     structure = next((r["structure"] for r in reversed(chain) if r.get("structure")), {})
-    before = source.get("parameters") or structure.get("parameters_before")
+    experts = model_expert_removal(chain) or {}
+    before = source.get("parameters") or structure.get("parameters_before") or experts.get("parameters_before")
     after = checkpoint.parameters
     return {
         "parameters_before": f"{before:,}" if before else "not recorded",
@@ -390,7 +395,8 @@ def card_context(checkpoint: Checkpoint, info: CardInfo, plot: str | None) -> tu
         model_name = info.repo_id.rsplit("/", 1)[-1]
     else:
         nm = kinds.nm
-        suffix = f"{nm.n}of{nm.m}" if nm else "structured" if kinds.structure else f"{round(100 * config.sparsity)}pct"
+        shrunk = kinds.structure or model_expert_removal(chain)
+        suffix = f"{nm.n}of{nm.m}" if nm else "structured" if shrunk else f"{round(100 * config.sparsity)}pct"
         model_name = f"{_base_short_name(base_model)}-{config.method}-{suffix}"
     card_data = _metadata(checkpoint, info, kinds, base_model, license_id, model_name)
     overall = (latest.get("measured_sparsity") or {}).get("overall")
@@ -415,6 +421,7 @@ def card_context(checkpoint: Checkpoint, info: CardInfo, plot: str | None) -> tu
         "structured": bool(kinds.structure),
         "removed_units": " and ".join(removed_units(structure)) or "MLP neurons",
         "architecture": architecture_rows(structure),
+        "expert_removal": _expert_context(model_expert_removal(chain)),
         "runtimes": [{**row, "name": Markup(f"{escape_markdown(row['name'])} ({code_span(row['entry'])})")
                       if row["entry"] else row["name"]} for row in runtime_rows],
         "standard": all(row["loads"] for row in runtime_rows),
@@ -438,6 +445,19 @@ def card_context(checkpoint: Checkpoint, info: CardInfo, plot: str | None) -> tu
         "version": latest.get("hf_prune_version"),
     }
     return card_data, context
+
+
+def _expert_context(facts: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The model-level expert-removal facts with their architecture rows, for the template."""
+    if facts is None:
+        return None
+    field = f" ({code_span(facts['field'])})" if facts["field"] else ""
+    rows = [(Markup("routed experts per mixture-of-experts layer") + Markup(field), str(facts["before"]),
+             str(facts["after"]))]
+    before, after = facts["parameters_before"], facts["parameters_after"]
+    if before and after is not None:
+        rows.append(("parameters", f"{before:,}", f"{after:,} ({100 * after / before:.1f}%)"))
+    return {**facts, "rows": rows, "field_code": code_span(facts["field"]) if facts["field"] else None}
 
 
 def _kept(kept: Any, total: Any) -> str:
@@ -483,6 +503,8 @@ def write_card(directory: str | os.PathLike, info: CardInfo | None = None) -> Pa
         neurons = [_share(r["neurons"], r["neurons_total"]) for r in structure]
         heads = [_share(r["heads"], r["heads_total"]) for r in structure] if heads_removed(structure) else None
         plot = save_layer_plot(directory / PLOT_NAME, measured, kept_neurons=neurons, kept_heads=heads)
+    elif model_expert_removal(chain):  # the card's table lists the experts kept per layer; no sparsity to plot
+        plot = None
     else:
         plot = save_layer_plot(directory / PLOT_NAME, measured, latest.get("layer_sparsity"))
     card = render_card(checkpoint, info, PLOT_NAME if plot is not None else None)
