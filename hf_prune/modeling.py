@@ -24,7 +24,7 @@ from .config import PruningConfig
 from .data.calibration import CalibrationInput, CalibrationSet, build_calibration, model_limits
 from .engine.loop import check_pruning_plan, prune_model
 from .errors import ModelNotFoundError, PruningRecordError, StructureMismatchError
-from .report import PruningReport, measure_sparsity, zeroing_runs
+from .report import PruningReport, expert_summary, measure_sparsity, zeroing_runs
 from .surgery import LOADER_ADVICE, model_shape, rebuild_recorded_structure, structure_record, structure_summary
 
 logger = logging.get_logger(__name__)
@@ -221,7 +221,8 @@ class PrunedModelForCausalLM:
     def _describe_removal(self, report: PruningReport) -> PruningReport:
         record = getattr(self.config, "pruning_config", None)
         report.structure = structure_summary(self)  # type: ignore[arg-type]
-        report.zeroed = report.structure is None or zeroing_runs(record) > 0
+        report.experts = expert_summary(record)
+        report.zeroed = (report.structure is None and report.experts is None) or zeroing_runs(record) > 0
         return report
 
     def _tokenizer_to_save(self, tokenizer: Any) -> Any:

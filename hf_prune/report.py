@@ -98,19 +98,32 @@ class PruningReport:
     total: int
     structure: StructureSummary | None = field(default=None)
     zeroed: bool = True
+    #: after expert pruning: ``{"experts_before", "experts_after", "parameters_before", "parameters_after"}``
+    experts: dict[str, int] | None = field(default=None)
+
+    def _describe_experts(self) -> str:
+        e = self.experts or {}
+        text = f"routed experts {e.get('experts_after')}/{e.get('experts_before')} per MoE layer"
+        if e.get("parameters_before"):
+            text += (f", parameters {e['parameters_after']}/{e['parameters_before']} "
+                     f"({e['parameters_after'] / e['parameters_before']:.4f})")
+        return text
 
     def summary(self) -> str:
         """One line: what was removed, the sparsity of the remaining weights, or both."""
         parts = []
         if self.structure is not None:
             parts.append(self.structure.describe())
-        if self.zeroed or self.structure is None:
-            label = "of the remaining decoder Linear weights" if self.structure else "of decoder Linear weights"
+        if self.experts is not None:
+            parts.append(self._describe_experts())
+        if self.zeroed or (self.structure is None and self.experts is None):
+            label = ("of the remaining decoder Linear weights" if self.structure or self.experts
+                     else "of decoder Linear weights")
             parts.append(f"sparsity {self.overall:.4f} {label}")
         return "; ".join(parts)
 
     def __str__(self) -> str:
-        show_sparsity = self.zeroed or self.structure is None
+        show_sparsity = self.zeroed or (self.structure is None and self.experts is None)
         structure = self.structure
         header = f"{'layer':>5}"
         if structure is not None:
@@ -127,6 +140,8 @@ class PruningReport:
             lines.append(line)
         if structure is not None:
             lines.append(f"structured pruning {structure.describe()}")
+        if self.experts is not None:
+            lines.append(f"expert pruning: {self._describe_experts()}")
         if show_sparsity:
             label = "remaining decoder Linear weights" if structure is not None else "decoder Linear weights"
             lines.append(f"overall sparsity of {label}: {self.overall:.4f} ({self.zeros}/{self.total})")
@@ -150,8 +165,9 @@ def _kept_of(structure: StructureSummary, key: str, index: int) -> str:
 def zeroing_runs(record: dict[str, Any] | None) -> int:
     """How many runs of a pruning record (this one and its ``previous`` list) zeroed weights.
 
-    A run removed neurons or heads when the record's ``structure`` entry changed with it;
-    every other run with a non-zero sparsity set weights to zero.
+    A run removed neurons or heads when the record's ``structure`` entry changed with it, and
+    routed experts when it has a ``removed_experts`` entry; every other run with a non-zero
+    sparsity set weights to zero.
     """
     if not record:
         return 0
@@ -159,10 +175,23 @@ def zeroing_runs(record: dict[str, Any] | None) -> int:
     count = 0
     for index, run in enumerate(chain):
         before = chain[index - 1].get("structure") if index else None
-        shrank = bool(run.get("structure")) and run.get("structure") != before
+        shrank = (bool(run.get("structure")) and run.get("structure") != before) or bool(run.get("removed_experts"))
         if not shrank and float(run.get("sparsity") or 0) > 0:
             count += 1
     return count
+
+
+def expert_summary(record: dict[str, Any] | None) -> dict[str, int] | None:
+    """Routed experts per MoE layer and parameters before the first expert-pruning run of a record and
+    after its last; ``None`` when no run removed experts."""
+    if not record:
+        return None
+    chain = [*(record.get("previous") or []), {k: v for k, v in record.items() if k != "previous"}]
+    runs = [run["removed_experts"] for run in chain if isinstance(run.get("removed_experts"), dict)]
+    if not runs:
+        return None
+    return {"experts_before": runs[0].get("experts_before"), "experts_after": runs[-1].get("experts_after"),
+            "parameters_before": runs[0].get("parameters_before"), "parameters_after": runs[-1].get("parameters_after")}
 
 
 def measure_sparsity(model: nn.Module) -> PruningReport:

@@ -125,7 +125,9 @@ def test_reap_ranks_by_gate_times_output_norm_not_by_frequency(token_ids):
 def test_kept_experts_keep_their_weights_and_router_rows(token_ids):
     model = _model("qwen3_moe")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    model.prune(ExpertPruningConfig(amount=0.5, device="cpu"), calibration_data=token_ids)
+    report = model.prune(ExpertPruningConfig(amount=0.5, device="cpu"), calibration_data=token_ids)
+    assert report.summary().startswith("routed experts 2/4 per MoE layer, parameters ")
+    assert "sparsity" not in report.summary() and "expert pruning: routed experts 2/4" in str(report)
     for layer in model.config.pruning_config["removed_experts"]["layers"]:
         kept = [e for e in range(4) if e not in layer["removed"]]
         prefix = layer["module"].rpartition(".")[0]
