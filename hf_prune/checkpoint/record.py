@@ -53,7 +53,7 @@ def _check_measurement(measured: Any, path: str) -> None:
 
 
 def _natural(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 def _check_removed_experts(entry: Any, path: str) -> None:
@@ -61,6 +61,9 @@ def _check_removed_experts(entry: Any, path: str) -> None:
     per MoE layer the removed experts, routed tokens and scores."""
     if not isinstance(entry, dict):
         raise _refuse(path, f"must be a JSON object, got {short_repr(entry)}")
+    for key in ("parameters_before", "parameters_after"):
+        if entry.get(key) is not None and not _natural(entry[key]):
+            raise _refuse(f"{path}.{key}", f"must be a parameter count, got {short_repr(entry[key])}")
     for key in ("experts_before", "experts_after"):
         if not _natural(entry.get(key)):
             raise _refuse(f"{path}.{key}", f"must be a non-negative integer, got {short_repr(entry.get(key))}")
@@ -79,7 +82,8 @@ def _check_removed_experts(entry: Any, path: str) -> None:
                 raise _refuse(f"{where}.{key}", f"must be a list of non-negative integers, got {short_repr(values)}")
         scores = layer.get("scores", [])
         if not isinstance(scores, list) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scores):
+                isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and math.isfinite(v)
+                for v in scores):
             raise _refuse(f"{where}.scores", f"must be a list of finite numbers, got {short_repr(scores)}")
 
 

@@ -241,8 +241,13 @@ def test_malformed_removed_experts_entry_is_refused(token_ids):
     model.prune(ExpertPruningConfig(amount=0.5, device="cpu"), calibration_data=token_ids)
     record = json.loads(json.dumps(model.config.pruning_config))
     validate_record(record)
+    validate_record({**record, "removed_experts": {**record["removed_experts"], "layers": [
+        {"layer": 0, "removed": [1], "tokens": [3, 2**40], "scores": [10**400, 0.5]}]}})  # a huge score is a number
     for entry in ("two", {"experts_before": 4}, {"experts_before": 2, "experts_after": 4},
                   {"experts_before": 4, "experts_after": 2, "layers": [{"layer": 0, "removed": [-1]}]},
-                  {"experts_before": 4, "experts_after": 2, "layers": [{"layer": 0, "scores": [float("nan")]}]}):
+                  {"experts_before": 4, "experts_after": 2, "layers": [{"layer": 0, "scores": [float("nan")]}]},
+                  {"experts_before": 4, "experts_after": 2, "layers": [{"layer": 0, "scores": ["1"]}]},
+                  {"experts_before": 4, "experts_after": 2, "layers": "all"},
+                  {"experts_before": 4, "experts_after": 2, "parameters_after": 10**400}):
         with pytest.raises(PruningRecordError, match="removed_experts"):
             validate_record({**record, "removed_experts": entry})
