@@ -15,7 +15,11 @@ from hf_prune.methods.experts import choose_experts
 from hf_prune.surgery.experts import find_router
 from hf_prune.walker.layout import DecoderLayout
 
-FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "gpt_oss", "llama4_text", "qwen3_next", "granitemoehybrid"]
+#: family -> the config.json field holding the routed-expert count (as the README lists them)
+FIELDS = {"mixtral": "num_local_experts", "qwen3_moe": "num_local_experts", "olmoe": "num_experts",
+          "gpt_oss": "num_local_experts", "llama4_text": "num_local_experts", "qwen3_next": "num_experts",
+          "granitemoehybrid": "num_local_experts"}
+FAMILIES = list(FIELDS)
 
 
 def _model(family: str, seed: int = 0, **overrides):
@@ -67,7 +71,8 @@ def test_saved_checkpoint_loads_in_plain_transformers_with_the_same_logits(famil
     _check_shapes(model, 2)
     record = model.config.pruning_config["removed_experts"]
     assert record["experts_before"] == 4 and record["experts_after"] == 2
-    assert record["config_field"] in field_before and getattr(model.config, record["config_field"]) == 2
+    assert record["config_field"] == FIELDS[family] and field_before[FIELDS[family]] == 4
+    assert getattr(model.config, record["config_field"]) == 2
     assert record["parameters_after"] < record["parameters_before"]
     for layer in record["layers"]:
         assert len(layer["removed"]) == 2 and len(layer["tokens"]) == 4 and len(layer["scores"]) == 4
