@@ -117,7 +117,9 @@ class LayerPruner(ABC):
             :meth:`observe_expert_output` with every routed expert's output during the
             statistics pass (mixture-of-experts layers; expert pruning scores experts from it).
         record_entries (`dict`): entries the method adds to the pruning record
-            (``config.json["pruning_config"]``), keyed by record key, set while it runs.
+            (``config.json["pruning_config"]``), keyed by record key, set while it runs. Each key
+            must be listed in ``hf_prune.config.RECORD_KEYS`` (and validated in
+            ``checkpoint.record``), or the saved record is refused on load.
     """
 
     prunes_operators: bool = True
