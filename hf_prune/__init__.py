@@ -5,7 +5,7 @@ The package is laid out by the path data takes (see the README's "How the code i
 through one layer at a time, ``methods`` decide what to remove (one module per method,
 listed in ``methods.registry``), ``surgery`` removes neurons and heads, ``checkpoint``
 saves and verifies, ``card`` writes the model card and publishes, ``training`` keeps the
-zeros while fine-tuning, ``data`` loads calibration and evaluation text.
+zeros while fine-tuning and distils from the dense teacher, ``data`` loads calibration and evaluation text.
 """
 
 __version__ = "0.1.0"
@@ -41,6 +41,14 @@ from .methods.wanda import WandaConfig
 from .modeling import AutoPrunedModelForCausalLM, PrunedModelForCausalLM
 from .report import PruningReport, measure_sparsity
 from .training.callback import SparsityCallback, prepare_for_training
+from .training.distillation import (
+    DistillationConfig,
+    DistillationResult,
+    DistillationTrainer,
+    PerplexityCallback,
+    distill,
+    evaluate_kl,
+)
 from .training.lora import MergeReport, apply_lora, merge_lora_keep_sparsity
 from .training.masks import SparsityMasks
 from .walker.layout import supported_model_types
@@ -52,6 +60,9 @@ __all__ = [
     "CalibrationError",
     "CompressedCheckpointError",
     "DepthConfig",
+    "DistillationConfig",
+    "DistillationResult",
+    "DistillationTrainer",
     "ExpertPruningConfig",
     "FISTAConfig",
     "HfPruneError",
@@ -62,6 +73,7 @@ __all__ = [
     "MutualInfoConfig",
     "NonFiniteActivationError",
     "OWLSettings",
+    "PerplexityCallback",
     "PrunedModelForCausalLM",
     "PruningConfig",
     "PruningConfigError",
@@ -81,6 +93,8 @@ __all__ = [
     "WandaConfig",
     "__version__",
     "apply_lora",
+    "distill",
+    "evaluate_kl",
     "evaluate_perplexity",
     "measure_sparsity",
     "merge_lora_keep_sparsity",

@@ -87,6 +87,45 @@ def _check_removed_experts(entry: Any, path: str) -> None:
             raise _refuse(f"{where}.scores", f"must be a list of finite numbers, got {short_repr(scores)}")
 
 
+#: the entries of ``distillation`` and what each holds
+_DISTILLATION_TEXT = ("teacher", "data", "kl_data", "eval_dataset")
+_DISTILLATION_COUNTS = ("steps", "tokens", "seq_len", "eval_seq_len", "eval_windows")
+_DISTILLATION_NUMBERS = ("learning_rate", "temperature", "lm_weight", "hidden_weight", "kl_before", "kl_after",
+                         "perplexity_before", "perplexity_after")
+_DISTILLATION_KEYS = frozenset((*_DISTILLATION_TEXT, *_DISTILLATION_COUNTS, *_DISTILLATION_NUMBERS, "lora"))
+_MAX_TEXT = 200
+
+
+def check_distillation_entry(entry: Any, path: str) -> None:
+    """The recovery training after pruning (``hf_prune.distill``): teacher and data names, step and token
+    counts, loss settings, KL to the teacher and perplexity before and after. Only known keys; names are
+    short strings, counts non-negative integers, the other numbers finite and non-negative."""
+    if not isinstance(entry, dict):
+        raise _refuse(path, f"must be a JSON object, got {short_repr(entry)}")
+    unknown = sorted(short_repr(k) if not isinstance(k, str) else k for k in entry if k not in _DISTILLATION_KEYS)
+    if unknown:
+        raise _refuse(path, f"has unknown entries {unknown[:5]}; known: {sorted(_DISTILLATION_KEYS)}")
+    for key in ("teacher", "steps", "tokens", "kl_before", "kl_after"):
+        if entry.get(key) is None:
+            raise _refuse(f"{path}.{key}", "is missing")
+    for key in _DISTILLATION_TEXT:
+        value = entry.get(key)
+        if value is not None and (not isinstance(value, str) or len(value) > _MAX_TEXT):
+            raise _refuse(f"{path}.{key}", f"must be a name of at most {_MAX_TEXT} characters, got {short_repr(value)}")
+    for key in _DISTILLATION_COUNTS:
+        value = entry.get(key)
+        if value is not None and not _natural(value):
+            raise _refuse(f"{path}.{key}", f"must be a non-negative integer, got {short_repr(value)}")
+    for key in _DISTILLATION_NUMBERS:
+        value = entry.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise _refuse(f"{path}.{key}", f"must be a finite non-negative number, got {short_repr(value)}")
+    if not isinstance(entry.get("lora", False), bool):
+        raise _refuse(f"{path}.lora", f"must be true or false, got {short_repr(entry.get('lora'))}")
+
+
 def _check_run(record: dict[str, Any], path: str, require_measurement: bool) -> None:
     """One pruning run: its configuration, measurements and flat descriptions."""
     try:
@@ -118,6 +157,8 @@ def _check_run(record: dict[str, Any], path: str, require_measurement: bool) -> 
                 raise _refuse(f"{path}.{key}.{k}", f"must be finite, got {v}")
     if record.get("removed_experts") is not None:
         _check_removed_experts(record["removed_experts"], f"{path}.removed_experts")
+    if record.get("distillation") is not None:
+        check_distillation_entry(record["distillation"], f"{path}.distillation")
     version = record.get("hf_prune_version")
     if version is not None and not isinstance(version, str):
         raise _refuse(f"{path}.hf_prune_version", f"must be a string, got {short_repr(version)}")

@@ -1,0 +1,266 @@
+"""Distillation of a pruned student from its dense teacher: the loss, the Trainer, ``distill``, the record."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_model, tiny_tokenizer
+from transformers import TrainingArguments
+
+from hf_prune import (
+    AutoPrunedModelForCausalLM,
+    DepthConfig,
+    L1NormStructuredConfig,
+    MagnitudeConfig,
+    PruningRecordError,
+    distill,
+)
+from hf_prune.checkpoint.record import validate_record
+from hf_prune.methods.patterns import satisfies_nm
+from hf_prune.training.callback import prepare_for_training
+from hf_prune.training.distillation import (
+    DistillationConfig,
+    DistillationTrainer,
+    chunked_distillation_losses,
+    default_layer_map,
+    evaluate_kl,
+    kl_divergence,
+)
+from hf_prune.walker.layout import decoder_operators
+
+STEPS = dict(steps=12, seq_len=32, batch_size=4, learning_rate=5e-4, logging_steps=4,
+             training_args=dict(disable_tqdm=True))
+
+
+def peaked_teacher(family="llama", layers=2):
+    """A tiny random model with sharp next-token distributions, so a pruned copy is measurably far from it."""
+    teacher = tiny_model(family, layers=layers)
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight.mul_(30)
+    return teacher
+
+
+def token_windows(count=32, seq_len=32, seed=0):
+    return torch.randint(0, VOCAB, (count, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- the loss
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 10_000])
+def test_chunked_kl_equals_unchunked(temperature, chunk_size):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 11, 16, generator=gen, requires_grad=True)
+    teacher_hidden = torch.randn(3, 11, 16, generator=gen)
+    head = torch.nn.Linear(16, 50)
+    teacher_head = torch.nn.Linear(16, 50)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 8:] = 0
+    reference = kl_divergence(head(hidden), teacher_head(teacher_hidden), temperature, mask)
+    (expected,) = torch.autograd.grad(reference, hidden)
+    losses = chunked_distillation_losses(hidden, teacher_hidden, head, teacher_head, temperature=temperature,
+                                         chunk_size=chunk_size, mask=mask)
+    (grad,) = torch.autograd.grad(losses.kl, hidden)
+    assert losses.tokens == 30
+    torch.testing.assert_close(losses.kl, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_chunked_lm_loss_is_the_shifted_cross_entropy():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 9, 30, generator=gen)
+    labels = torch.randint(0, 30, (2, 9), generator=gen)
+    labels[0, 4] = -100
+    losses = chunked_distillation_losses(logits, logits.clone(), temperature=1.0, chunk_size=5, labels=labels)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 30), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(losses.lm, expected)
+    assert float(losses.kl) == pytest.approx(0.0, abs=1e-6)  # the same distributions
+
+
+def test_kl_chunks_hold_only_chunk_logits():
+    """Only [chunk x vocab] logits are alive at once: a head that records its output sizes sees chunks."""
+    seen = []
+    linear = torch.nn.Linear(8, 1000)
+
+    def head(rows):
+        out = linear(rows)
+        seen.append(out.shape[0])
+        return out
+
+    hidden = torch.randn(4, 64, 8, requires_grad=True)
+    losses = chunked_distillation_losses(hidden, torch.randn(4, 64, 8), head, head, chunk_size=32)
+    losses.kl.backward()
+    assert max(seen) == 32
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="temperature"):
+        DistillationConfig(temperature=0)
+    with pytest.raises(ValueError, match="lm_weight"):
+        DistillationConfig(lm_weight=1.5)
+    with pytest.raises(ValueError, match="layer_map"):
+        DistillationConfig(layer_map={0: -1})
+
+
+def test_mismatched_vocabulary_is_refused():
+    teacher = tiny_model("llama")
+    config = teacher.config.to_dict() | {"vocab_size": VOCAB + 8}
+    student = AutoPrunedModelForCausalLM.from_config(type(teacher.config).from_dict(config))
+    with pytest.raises(ValueError, match="same vocabulary"):
+        distill(student, teacher, token_windows(), steps=1, seq_len=32)
+    with pytest.raises(ValueError, match="teacher is the student"):
+        distill(teacher, teacher, token_windows(), steps=1, seq_len=32)
+
+
+# ---------------------------------------------------------------- the Trainer
+
+
+def test_teacher_gets_no_gradient_and_does_not_change(tmp_path):
+    teacher = peaked_teacher()
+    student = copy.deepcopy(teacher)
+    student.prune(MagnitudeConfig(sparsity=0.5, device="cpu"))
+    before = {name: p.detach().clone() for name, p in teacher.named_parameters()}
+    student_before = [p.detach().clone() for p in student.parameters()]
+    callback = prepare_for_training(student)
+    data = [{"input_ids": row, "labels": row.clone()} for row in token_windows(16)]
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=3,
+                             per_device_train_batch_size=4, learning_rate=1e-3, save_strategy="no",
+                             disable_tqdm=True, logging_steps=1, remove_unused_columns=False)
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=data, callbacks=[callback], teacher=teacher,
+                                  distillation=DistillationConfig(lm_weight=0.5, hidden_weight=1.0, chunk_size=16))
+    trainer.train()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not teacher.training
+    for name, p in teacher.named_parameters():
+        assert torch.equal(p, before[name]), name
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert {"distill_kl", "distill_lm", "distill_hidden"} <= set(logged[0])
+    assert any(not torch.equal(p, old) for p, old in zip(student.parameters(), student_before))  # it trained
+
+
+def test_distillation_lowers_the_kl_to_the_teacher():
+    teacher = peaked_teacher()
+    student = copy.deepcopy(teacher)
+    student.prune(MagnitudeConfig(sparsity=0.6, device="cpu"))
+    result = distill(student, teacher, token_windows(), **STEPS)
+    assert result.kl_after < 0.6 * result.kl_before
+    assert result.model is student
+    entry = student.config.pruning_config["distillation"]
+    assert entry["kl_before"] == pytest.approx(result.kl_before, rel=1e-4)
+    assert entry["steps"] == 12 and entry["tokens"] == 12 * 4 * 32
+
+
+def test_two_four_zeros_survive():
+    teacher = peaked_teacher()
+    student = copy.deepcopy(teacher)
+    student.prune(MagnitudeConfig(sparsity=None, pattern="2:4", device="cpu"))
+    zeros = {op.name: op.module.weight.detach() == 0 for op in decoder_operators(student)}
+    result = distill(student, teacher, token_windows(), weight_decay=0.1, **STEPS)
+    assert result.kl_after < result.kl_before
+    for op in decoder_operators(student):
+        weight = op.module.weight.detach()
+        assert torch.all(weight[zeros[op.name]] == 0), op.name
+        assert satisfies_nm(weight, 2, 4), op.name
+
+
+def test_shrunk_student_keeps_its_shapes():
+    teacher = peaked_teacher()
+    student = copy.deepcopy(teacher)
+    student.prune(L1NormStructuredConfig(amount=0.5, heads=True, device="cpu"))
+    shapes = {name: p.shape for name, p in student.named_parameters()}
+    result = distill(student, teacher, token_windows(), hidden_weight=0.5, **STEPS)
+    assert result.kl_after < result.kl_before
+    assert {name: p.shape for name, p in student.named_parameters()} == shapes
+
+
+def test_depth_pruned_student_matches_the_kept_teacher_layers(token_ids):
+    teacher = peaked_teacher(layers=4)
+    student = copy.deepcopy(teacher)
+    student.prune(DepthConfig(num_layers=2, device="cpu"), calibration_data=token_ids[:, :32])
+    kept = student.config.pruning_config["structure"]["kept_layers"]
+    assert default_layer_map(student, teacher) == dict(enumerate(kept))
+    result = distill(student, teacher, token_windows(), hidden_weight=1.0, **STEPS)
+    assert result.kl_after < result.kl_before
+    assert len(student.model.layers) == 2
+
+
+def test_layer_map_needed_when_the_record_does_not_say():
+    teacher = tiny_model("llama", layers=4)
+    student = tiny_model("llama", layers=2)
+    with pytest.raises(ValueError, match="layer_map"):
+        distill(student, teacher, token_windows(), hidden_weight=1.0, steps=1, seq_len=32)
+
+
+def test_lora_distillation_merges_keeping_the_zeros():
+    pytest.importorskip("peft")
+    teacher = peaked_teacher()
+    student = copy.deepcopy(teacher)
+    student.prune(MagnitudeConfig(sparsity=0.5, device="cpu"))
+    zeros = {op.name: op.module.weight.detach() == 0 for op in decoder_operators(student)}
+    result = distill(student, teacher, token_windows(), lora=True, lora_rank=8,
+                     **(STEPS | {"learning_rate": 5e-3}))
+    assert result.kl_after < result.kl_before
+    assert result.merge is not None
+    assert type(result.model).__name__ == "LlamaForCausalLM"
+    for op in decoder_operators(result.model):
+        assert torch.all(op.module.weight.detach()[zeros[op.name]] == 0), op.name
+    assert result.model.config.pruning_config["distillation"]["lora"] is True
+
+
+def test_perplexity_every_n_steps_and_evaluate_kl():
+    tokenizer = tiny_tokenizer()
+    teacher = peaked_teacher()
+    student = copy.deepcopy(teacher)
+    student.prune(MagnitudeConfig(sparsity=0.5, device="cpu"))
+    text = " ".join(f"word{i} and some more text {i * 7}" for i in range(200))
+    result = distill(student, teacher, text, tokenizer, eval_text=text, eval_every=4, eval_seq_len=32,
+                     eval_windows=4, kl_windows=4, **STEPS)
+    assert [step for step, _ in result.perplexity_history] == [4, 8, 12]
+    assert result.perplexity_before > 0 and result.perplexity_after > 0
+    assert result.kl_after == pytest.approx(evaluate_kl(student, teacher, token_windows_of(tokenizer, text)), rel=1e-4)
+    entry = student.config.pruning_config["distillation"]
+    assert entry["data"] == "text" and entry["eval_windows"] == 4
+
+
+def token_windows_of(tokenizer, text, seq_len=32, count=4):
+    from hf_prune.data.evaluation import evaluation_windows
+
+    return evaluation_windows(tokenizer, text, seq_len, count)
+
+
+# ---------------------------------------------------------------- the record and the card
+
+
+def test_record_and_card_carry_the_recovery(tmp_path):
+    teacher = peaked_teacher()
+    student = copy.deepcopy(teacher)
+    student.prune(MagnitudeConfig(sparsity=0.5, device="cpu"))
+    result = distill(student, teacher, token_windows(), **STEPS)
+    student.save_pretrained(tmp_path / "out", tokenizer=tiny_tokenizer())
+    loaded = AutoPrunedModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert loaded.config.pruning_config["distillation"]["kl_after"] == pytest.approx(result.kl_after, rel=1e-4)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Recovery" in card and "distill" in card
+    assert f"{result.kl_after:.4f}" in card
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"teacher": "t", "steps": 1, "tokens": 2, "kl_before": 1.0}, "kl_after"),
+    ({"teacher": "t", "steps": -1, "tokens": 2, "kl_before": 1.0, "kl_after": 1.0}, "steps"),
+    ({"teacher": "t", "steps": 1, "tokens": 2, "kl_before": float("nan"), "kl_after": 1.0}, "kl_before"),
+    ({"teacher": "x" * 500, "steps": 1, "tokens": 2, "kl_before": 1.0, "kl_after": 1.0}, "teacher"),
+    ({"teacher": "t", "steps": 1, "tokens": 2, "kl_before": 1.0, "kl_after": 1.0, "extra": 1}, "unknown"),
+    ({"teacher": "t", "steps": 1, "tokens": 2, "kl_before": 1.0, "kl_after": 1.0, "lora": "yes"}, "lora"),
+    ("distilled", "JSON object"),
+])
+def test_malformed_distillation_entry_is_refused(entry, message):
+    student = tiny_model("llama")
+    student.prune(MagnitudeConfig(sparsity=0.5, device="cpu"))
+    record = json.loads(json.dumps(student.config.pruning_config))
+    record["distillation"] = entry
+    with pytest.raises(PruningRecordError, match=message):
+        validate_record(record)
