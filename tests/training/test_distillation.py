@@ -264,3 +264,52 @@ def test_malformed_distillation_entry_is_refused(entry, message):
     record["distillation"] = entry
     with pytest.raises(PruningRecordError, match=message):
         validate_record(record)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3", "phi3", "opt", "gpt2", "gpt_neox"])
+def test_logits_from_hidden_states_match_the_forward(family):
+    """The chunked path (backbone + LM head + the family's logit transform) gives the model's own logits."""
+    from hf_prune.training.distillation import LogitsPath
+
+    model = tiny_model(family)
+    ids = token_windows(2, 16)
+    path = LogitsPath(model)
+    path.check(ids, None, "model")
+    assert not path.full, family
+    with torch.no_grad():
+        torch.testing.assert_close(path.head(path.features(ids, None)), model(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_logit_transform_falls_back_to_full_logits():
+    from hf_prune.training.distillation import LogitsPath
+
+    model = tiny_model("llama")
+    forward = model.forward
+
+    def scaled(**kwargs):  # a family whose forward rescales the logits in a way hf_prune does not know
+        out = forward(**kwargs)
+        out.logits = out.logits * 3
+        return out
+
+    model.forward = scaled
+    path = LogitsPath(model)
+    path.check(token_windows(1, 8), None, "model")
+    assert path.full
+
+
+def test_teacher_offloaded_to_disk(tmp_path):
+    """A teacher whose decoder layers accelerate keeps on disk teaches like the one in memory."""
+    pytest.importorskip("accelerate")
+    teacher = peaked_teacher()
+    teacher.save_pretrained(tmp_path / "teacher", model_card=False, tokenizer=False)
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                  "model.layers.0": "disk", "model.layers.1": "disk"}
+    offloaded = AutoPrunedModelForCausalLM.from_pretrained(tmp_path / "teacher", dtype=torch.float32,
+                                                           device_map=device_map, offload_folder=str(tmp_path / "off"))
+    student = copy.deepcopy(teacher)
+    student.prune(MagnitudeConfig(sparsity=0.6, device="cpu"))
+    ids = token_windows(4)
+    assert evaluate_kl(student, offloaded, ids) == pytest.approx(evaluate_kl(student, teacher, ids), rel=1e-4)
+    result = distill(student, offloaded, token_windows(), **STEPS)
+    assert result.kl_after < 0.6 * result.kl_before
