@@ -230,7 +230,8 @@ class LogitsPath:
     def head(self, rows: torch.Tensor) -> torch.Tensor:
         if self.full:
             return rows
-        rows = rows.to(self.output.weight.device)
+        if self.output.weight.device.type != "meta":  # offloaded by accelerate: its hook moves the input
+            rows = rows.to(self.output.weight.device)
         logits = self.output(rows)
         if isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool):
             logits = logits * self.scale
@@ -400,7 +401,8 @@ class DistillationTrainer(Trainer):
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.distillation = distillation or DistillationConfig()
-        self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
+        self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean: Trainer divides by the
+        self.model_accepts_loss_kwargs = False  # accumulation steps (the second line for older transformers)
         check_pair(self.model, teacher)
         self.teacher = teacher
         self._place_teacher()

@@ -332,3 +332,24 @@ def test_teacher_offloaded_to_disk(tmp_path):
     assert evaluate_kl(student, offloaded, ids) == pytest.approx(evaluate_kl(student, teacher, ids), rel=1e-4)
     result = distill(student, offloaded, token_windows(), **STEPS)
     assert result.kl_after < 0.6 * result.kl_before
+
+
+def test_gradient_accumulation_gives_the_same_step(tmp_path):
+    """Two micro-batches of 2 accumulate to the step of one batch of 4 (the loss is a per-micro-batch mean)."""
+    teacher = peaked_teacher()
+    student = copy.deepcopy(teacher)
+    student.prune(MagnitudeConfig(sparsity=0.5, device="cpu"))
+    data = [{"input_ids": row, "labels": row.clone()} for row in token_windows(4)]
+    results = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        model = copy.deepcopy(student)
+        args = TrainingArguments(output_dir=str(tmp_path / f"{batch}"), use_cpu=True, report_to=[], max_steps=1,
+                                 per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                                 learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0,
+                                 save_strategy="no", disable_tqdm=True, remove_unused_columns=False, seed=0)
+        DistillationTrainer(model=model, args=args, train_dataset=data, teacher=teacher,
+                            distillation=DistillationConfig(lm_weight=0.3)).train()
+        results.append(model)
+    for a, b in zip(results[0].parameters(), results[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(results[0].model.layers[0].mlp.up_proj.weight, student.model.layers[0].mlp.up_proj.weight)
