@@ -1,0 +1,86 @@
+"""Recovery after pruning on SmolLM2-135M: the LM loss against distillation, on the same tokens.
+
+    python examples/distill_pruned.py --pattern 2:4 --steps 200 --json recovery.json
+
+Prunes the bundled SmolLM2-135M-Instruct (Wanda by default, calibration from the bundled C4
+sample), then trains two copies of the pruned model on the same windows of ``--train-file``
+with the same optimizer settings: one with the LM loss only (``lm_weight=1``), one with the KL
+to the dense model (``lm_weight=0``, temperature ``--temperature``). Both are measured the same
+way: perplexity on ``--eval-file`` and the KL to the dense model on its first windows, before
+and after. The zeros are kept in both (``SparsityCallback``). Prints one line per run and,
+with ``--json``, writes every number.
+
+Each step runs the dense model too, so the distillation run costs about 1.3x the LM run. On a
+2-core CPU a step of 4 x 256 tokens takes a few seconds; use a GPU for hundreds of steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from hf_prune import AutoPrunedModelForCausalLM, PruningConfig, distill, evaluate_perplexity
+from hf_prune.data.bundled import smollm2_location
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="wanda")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--pattern", default="2:4")
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--train-file", type=Path, default=DATA / "c4_sample.txt")
+    parser.add_argument("--eval-file", type=Path, default=DATA / "wiki_sample.txt")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--kl-windows", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the measured numbers to this file")
+    args = parser.parse_args()
+
+    directory, gguf_file = smollm2_location()
+    teacher = AutoPrunedModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    pruned = copy.deepcopy(teacher)
+    config = PruningConfig.from_dict({
+        "method": args.method, "sparsity": None if ":" in args.pattern else args.sparsity, "pattern": args.pattern,
+        "calibration": "c4-sample", "num_samples": args.calib_samples, "seq_len": args.calib_seq_len,
+        "seed": args.seed, "device": "auto",
+    })
+    pruned.prune(config, tokenizer=tokenizer)
+    results: dict[str, object] = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "perplexity_dense": evaluate_perplexity(teacher, tokenizer, args.eval_file, args.eval_seq_len,
+                                                args.eval_windows),
+    }
+    for name, lm_weight in (("lm_loss", 1.0), ("distillation", 0.0)):
+        start = time.perf_counter()
+        result = distill(
+            copy.deepcopy(pruned), teacher, args.train_file, tokenizer, steps=args.steps, seq_len=args.seq_len,
+            batch_size=args.batch_size, learning_rate=args.lr, temperature=args.temperature, lm_weight=lm_weight,
+            eval_text=args.eval_file, eval_seq_len=args.eval_seq_len, eval_windows=args.eval_windows,
+            kl_windows=args.kl_windows, seed=args.seed,
+        )
+        results[name] = {**result.to_dict(), "seconds": round(time.perf_counter() - start, 1)}
+        print(f"{name}: {result}")
+    print(f"dense perplexity {results['perplexity_dense']:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
