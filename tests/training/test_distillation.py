@@ -353,3 +353,16 @@ def test_gradient_accumulation_gives_the_same_step(tmp_path):
     for a, b in zip(results[0].parameters(), results[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert not torch.equal(results[0].model.layers[0].mlp.up_proj.weight, student.model.layers[0].mlp.up_proj.weight)
+
+
+def test_expert_pruned_student_keeps_its_experts():
+    from hf_prune import ExpertPruningConfig
+
+    teacher = peaked_teacher("mixtral")
+    student = copy.deepcopy(teacher)
+    ids = token_windows()
+    student.prune(ExpertPruningConfig(amount=0.5, device="cpu", num_samples=4, seq_len=32), calibration_data=ids[:4])
+    shapes = {name: p.shape for name, p in student.named_parameters()}
+    result = distill(student, teacher, ids, hidden_weight=0.5, **(STEPS | {"learning_rate": 5e-5}))
+    assert result.kl_after < result.kl_before
+    assert {name: p.shape for name, p in student.named_parameters()} == shapes
