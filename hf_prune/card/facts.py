@@ -191,12 +191,13 @@ def architecture_rows(structure: dict[str, Any] | None) -> list[tuple[str, str, 
 
 def structured_steps(chain: list[dict[str, Any]]) -> list[bool]:
     """Which runs removed neurons, heads, layers or experts: those after which the ``structure`` entry
-    changed, and those that removed routed experts (``removed_experts``)."""
+    changed, and those that removed routed experts (``removed_experts``) or residual channels
+    (``removed_channels``)."""
     flags = []
     for index, record in enumerate(chain):
         before = chain[index - 1].get("structure") if index else None
         shrank = bool(record.get("structure")) and record.get("structure") != before
-        flags.append(shrank or expert_removal(record) is not None)
+        flags.append(shrank or expert_removal(record) is not None or channel_removal(record) is not None)
     return flags
 
 
@@ -243,6 +244,32 @@ def model_expert_removal(chain: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not runs:
         return None
     return {**runs[-1], "before": runs[0]["before"], "parameters_before": runs[0]["parameters_before"]}
+
+
+def channel_removal(record: dict[str, Any]) -> dict[str, Any] | None:
+    """What a run of hidden-size pruning removed, from its ``removed_channels`` entry (``None`` for other runs)."""
+    entry = record.get("removed_channels")
+    if not isinstance(entry, dict):
+        return None
+    before, after = _count(entry.get("hidden_before")), _count(entry.get("hidden_after"))
+    if before is None or after is None:
+        return None
+    return {
+        "before": before, "after": after, "field": str(entry.get("config_field") or ""),
+        "head_dim_before": _count(entry.get("head_dim_before")), "head_dim_after": _count(entry.get("head_dim_after")),
+        "parameters_before": _count(entry.get("parameters_before")),
+        "parameters_after": _count(entry.get("parameters_after")),
+    }
+
+
+def model_channel_removal(chain: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Hidden size before the first hidden-size pruning run and after the last; ``None`` when no run removed
+    residual channels."""
+    runs = [facts for facts in (channel_removal(r) for r in chain) if facts is not None]
+    if not runs:
+        return None
+    return {**runs[-1], "before": runs[0]["before"], "head_dim_before": runs[0]["head_dim_before"],
+            "parameters_before": runs[0]["parameters_before"]}
 
 
 def heads_removed(rows: list[dict[str, Any]] | None) -> bool:
