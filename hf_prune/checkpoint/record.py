@@ -110,6 +110,10 @@ def _check_removed_channels(entry: Any, path: str) -> None:
             or not all(_natural(c) and c < before for c in removed) or len(set(removed)) != len(removed)):
         raise _refuse(f"{path}.removed", f"must list the {before - after} distinct removed channels, each below "
                       f"{before}, got {short_repr(removed)}")
+    scales = entry.get("norm_scales", [])
+    if not isinstance(scales, list) or len(scales) > MAX_WIDTH or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in scales):
+        raise _refuse(f"{path}.norm_scales", f"must list finite non-negative factors, got {short_repr(scales)}")
     scores = entry.get("scores", [])
     if not isinstance(scores, list) or len(scores) not in (0, before) or not all(
             isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and math.isfinite(v)

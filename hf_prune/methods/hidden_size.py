@@ -67,6 +67,10 @@ class HiddenSizeConfig(PruningConfig):
         round_to: the kept count from ``amount`` is a multiple of this (default 8, for fast
             matrix shapes); for GPT-2 and OPT, whose head width is ``hidden_size / heads``, also a
             multiple of the head count.
+        renormalize: rescale every norm's weight by ``sqrt(mean over kept channels c of E[x_c² / mean_j x_j²])``
+            measured on its calibration inputs ``x`` (centred for LayerNorm): the average ratio of the kept
+            channels' RMS to all channels' RMS, which the norm divides by once the others are gone. Default True;
+            on SmolLM2-135M with 25% of the channels removed it lowered the perplexity from 218 to 136 (README).
 
     Every projection reading or writing the residual stream, every norm, the embeddings and
     the LM head lose the same channels (a tied LM head stays tied); the saved config states
@@ -83,6 +87,7 @@ class HiddenSizeConfig(PruningConfig):
     amount: float | None = None
     hidden_size: int | None = None
     round_to: int = 8
+    renormalize: bool = True
 
     def __post_init__(self) -> None:
         self._check_types()  # amount, sparsity and hidden_size are compared before the shared checks run
@@ -149,6 +154,8 @@ class HiddenSizePruner(LayerPruner):
         #: per-channel importance summed over the norms seen so far (fp64, CPU)
         self.scores: torch.Tensor | None = None
         self._sums: dict[int, torch.Tensor] = {}
+        #: id(norm) -> (norm, per-channel sum of x_c² / mean_j x_j² over its calibration tokens, token count)
+        self._energy: dict[int, tuple[nn.Module, torch.Tensor, int]] = {}
         self._hooks: list[Any] = []
 
     def statistics_kind(self, op: Operator) -> StatKind:
@@ -196,6 +203,14 @@ class HiddenSizePruner(LayerPruner):
         sums = (per_sample ** 2).sum(dim=0).double().cpu()
         key = id(module)
         self._sums[key] = self._sums[key] + sums if key in self._sums else sums
+        if self.config.renormalize:
+            x = (inputs[0] if isinstance(inputs, tuple) else inputs).detach().float()
+            x = x.reshape(-1, x.shape[-1])
+            if isinstance(module, nn.LayerNorm):
+                x = x - x.mean(dim=-1, keepdim=True)
+            share = (x.pow(2) / x.pow(2).mean(dim=-1, keepdim=True).clamp_min(1e-30)).sum(dim=0).double().cpu()
+            _, total, tokens = self._energy.get(key, (module, 0, 0))
+            self._energy[key] = (module, total + share, tokens + x.shape[0])
 
     def _add_scores(self) -> None:
         for sums in self._sums.values():
@@ -239,6 +254,7 @@ class HiddenSizePruner(LayerPruner):
         keep = sorted(order[:self.kept])
         removed = sorted(order[self.kept:])
         change = prune_hidden(layout, torch.tensor(keep, dtype=torch.long))
+        factors = self._renormalize(keep) if self.config.renormalize else []
         logger.info("hidden-size pruning: kept %d of %d residual channels; config %s", change.hidden_after,
                     change.hidden_before, change.config_fields)
         self.record_entries[RECORD_KEY] = {
@@ -250,5 +266,39 @@ class HiddenSizePruner(LayerPruner):
             "parameters_before": self.parameters_before,
             "parameters_after": count_parameters(model),
             "removed": removed,
+            "norm_scales": factors,
             "scores": [round(float(s), 6) for s in self.scores],
         }
+
+    @torch.no_grad()
+    def _renormalize(self, keep: list[int]) -> list[float]:
+        """Scale each observed norm (now ``len(keep)`` wide) by the average ratio of the kept channels' RMS to
+        all channels' RMS on its calibration inputs; returns the factors, in the order the norms were seen."""
+        index = torch.tensor(keep, dtype=torch.long)
+        factors = []
+        for module, total, tokens in self._energy.values():
+            factor = float((total[index].sum() / (len(keep) * max(tokens, 1))).sqrt())
+            if math.isfinite(factor) and factor > 0:
+                scale_norm(module, factor)
+            factors.append(round(factor, 6))
+        self._energy.clear()
+        return factors
+
+
+@torch.no_grad()
+def scale_norm(norm: nn.Module, factor: float) -> None:
+    """Multiply what ``norm`` outputs before its bias by ``factor``, whether its weight is the gain itself or an
+    offset from 1 (Gemma's ``1 + weight``), which is told by running it once with the weight set to zero."""
+    weight = norm.weight
+    saved = weight.detach().clone()
+    probe = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    weight.zero_()
+    out = norm(probe)
+    weight.copy_(saved)
+    bias = getattr(norm, "bias", None)
+    if bias is not None:
+        out = out - bias
+    if bool(out.abs().max() < 1e-6):  # output = normalised * weight
+        weight.mul_(factor)
+    else:  # output = normalised * (1 + weight)
+        weight.copy_((1 + saved.float()) * factor - 1)

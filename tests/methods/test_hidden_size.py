@@ -85,11 +85,44 @@ def test_dead_channels_are_removed_first(token_ids):
         for index in range(len(layout)):
             for name in (layout.spec.o, layout.spec.mlp_out):
                 layout.submodule(index, name).weight[dead] = 0
+    dense = _logits(model)
     model.prune(HiddenSizeConfig(hidden_size=60, device="cpu"), calibration_data=token_ids)
     record = model.config.pruning_config["removed_channels"]
     assert record["removed"] == dead
     assert all(record["scores"][c] == 0 for c in dead) and min(
         s for c, s in enumerate(record["scores"]) if c not in dead) > 0
+    # every norm now divides by the RMS of 60 channels instead of 64 (the other 4 were zero): renormalize
+    # scales each by sqrt(64 / 60), which gives back the dense model exactly
+    assert record["norm_scales"] == [pytest.approx((64 / 60) ** 0.5, abs=1e-6)] * 5
+    assert torch.allclose(_logits(model), dense, atol=1e-4)
+
+
+def test_without_renormalize_the_norms_are_only_sliced(token_ids):
+    model = tiny_model("llama")
+    weight = model.model.norm.weight.detach().clone()
+    model.prune(HiddenSizeConfig(hidden_size=48, renormalize=False, device="cpu"), calibration_data=token_ids)
+    record = model.config.pruning_config["removed_channels"]
+    kept = [c for c in range(64) if c not in record["removed"]]
+    assert record["norm_scales"] == [] and torch.equal(model.model.norm.weight, weight[kept])
+
+
+def test_gemma_norms_are_scaled_through_their_offset_weight():
+    from hf_prune.methods.hidden_size import scale_norm
+
+    model = tiny_model("gemma3")
+    norm = model.model.norm
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 64)
+    before = norm(x)
+    scale_norm(norm, 1.5)
+    assert torch.allclose(norm(x), 1.5 * before, atol=1e-5)
+    layer_norm = tiny_model("gpt2").transformer.ln_f
+    with torch.no_grad():
+        layer_norm.bias.normal_()
+    before = layer_norm(x)
+    scale_norm(layer_norm, 0.5)
+    assert torch.allclose(layer_norm(x), 0.5 * (before - layer_norm.bias) + layer_norm.bias, atol=1e-5)
 
 
 def test_every_residual_norm_is_scored():
@@ -165,7 +198,8 @@ def test_record_is_validated(token_ids):
     record = json.loads(json.dumps(model.config.pruning_config))
     validate_record(record)
     for key, value in (("hidden_after", 80), ("removed", [1, 1]), ("removed", list(range(40, 72))),
-                       ("scores", ["x"]), ("hidden_before", -1), ("config_field", 3)):
+                       ("scores", ["x"]), ("hidden_before", -1), ("config_field", 3), ("norm_scales", [-1.0]),
+                       ("norm_scales", "x")):
         bad = json.loads(json.dumps(record))
         bad["removed_channels"][key] = value
         with pytest.raises(PruningRecordError, match="removed_channels"):
