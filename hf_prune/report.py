@@ -148,7 +148,10 @@ class PruningReport:
         if show_sparsity:
             header += f"  {'sparsity':>8}"
         lines = [header]
-        for i, sparsity in enumerate(self.per_layer):
+        per_layer = self.per_layer if structure is not None or show_sparsity else []  # no column to show
+        if not per_layer:
+            lines = []
+        for i, sparsity in enumerate(per_layer):
             line = f"{i:>5}"
             if structure is not None:
                 line += f"  {_kept_of(structure, 'mlp_neurons', i):>13}  {_kept_of(structure, 'attention_heads', i):>9}"

@@ -300,12 +300,19 @@ def runtimes(checkpoint: Checkpoint) -> list[dict[str, Any]]:
     # plain transformers loading an expert-pruned checkpoint is what the tests measure; the others read the same
     # config fields but are not tested on one
     experts_removed = any(isinstance(r.get("removed_experts"), dict) for r in checkpoint.chain)
+    channels_removed = any(isinstance(r.get("removed_channels"), dict) for r in checkpoint.chain)
     rows = []
     for name, entry in RUNTIMES:
         ours = name == "hf_prune"
         loads = ours or why is None
-        note = ("expected: it reads the kept expert count from config.json; not tested on expert-pruned checkpoints"
-                if loads and experts_removed and name in ("vLLM", "llama.cpp") else None)
+        note = None
+        if loads and name in ("vLLM", "llama.cpp"):
+            if experts_removed:
+                note = ("expected: it reads the kept expert count from config.json; not tested on expert-pruned "
+                        "checkpoints")
+            elif channels_removed:
+                note = ("expected: it reads the hidden size and head_dim from config.json; not tested on "
+                        "hidden-size-pruned checkpoints")
         rows.append({"name": name, "entry": entry, "loads": loads, "why": None if ours else why, "note": note})
     return rows
 

@@ -57,9 +57,12 @@ def test_plain_reload_gives_the_same_logits(family, token_ids, tmp_path):
     assert torch.equal(plain.generate(PROBE[:1], max_new_tokens=5, min_new_tokens=5, do_sample=False), generated)
     ours = AutoPrunedModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert torch.allclose(_logits(ours), expected, atol=1e-5)
-    assert "hidden size 32/64" in ours.pruning_report().summary()
+    report = ours.pruning_report()
+    assert "hidden size 32/64" in report.summary() and "sparsity" not in report.summary()
+    assert str(report).splitlines()[0].startswith("hidden-size pruning: hidden size 32/64")  # no empty layer table
     card = (tmp_path / "out" / "README.md").read_text()
     assert "hidden size 32 of 64" in card and "| 64 | 32 |" in card
+    assert "not tested on hidden-size-pruned checkpoints" in card  # vLLM and llama.cpp: expected from the config
 
 
 def test_untied_gemma_embedding_keeps_its_outputs(token_ids):
