@@ -247,6 +247,8 @@ def prune_hidden(layout: DecoderLayout, keep: Any, chooser: HeadChooser = weight
     inner = mlp_width.weight.shape[0 if isinstance(mlp_width, Conv1D) else 1]
     if "n_inner" in config.to_dict() and getattr(config, "n_inner", None) is None:
         fields["n_inner"] = int(inner)
+    if getattr(config, "word_embed_proj_dim", None) == old:  # OPT: embeddings as wide as the residual stream
+        fields["word_embed_proj_dim"] = new
     new_head_dim = head_dim
     if coupled:
         for index in range(len(layout)):
@@ -322,7 +324,13 @@ def check_hidden_pruning(model: nn.Module, new: int) -> None:
         rows = torch.arange(keep).expand(geometry.heads, keep)
         return rows, rows
 
-    change = prune_hidden(layout, torch.arange(new), first_channels)
+    try:
+        change = prune_hidden(layout, torch.arange(new), first_channels)
+    except (AttributeError, TypeError, RuntimeError) as err:  # a module or config this surgery cannot change
+        raise UnsupportedArchitectureError(
+            f"hidden-size pruning cannot shrink {layout.model_type} ({type(err).__name__}: {err}). Supported: "
+            "families with one attention and one MLP per layer and pre-norms (llama, qwen, gemma, phi3, gpt2...)"
+        ) from None
     try:
         rebuilt_config = type(config).from_dict({**config.to_dict(), **change.config_fields})
         with torch.device("meta"):

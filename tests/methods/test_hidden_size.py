@@ -21,7 +21,9 @@ from hf_prune.walker.layout import DecoderLayout
 PROBE = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
 #: family -> (config.json key of the hidden size, head_dim after pruning 64 -> 32)
 FAMILIES = {"llama": ("hidden_size", 16), "qwen3": ("hidden_size", 16), "gemma3": ("hidden_size", 16),
-            "gpt2": ("n_embd", 8), "phi3": ("hidden_size", 16)}
+            "gpt2": ("n_embd", 8), "phi3": ("hidden_size", 16), "opt": ("hidden_size", 8)}
+#: families whose head width is hidden_size / heads: heads shrink with the hidden size, no head_dim field
+COUPLED = ("gpt2", "opt")
 
 
 def _logits(model, ids=PROBE):
@@ -50,7 +52,7 @@ def test_plain_reload_gives_the_same_logits(family, token_ids, tmp_path):
     model.save_pretrained(tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved[key] == 32 and saved_config_is_standard(saved)
-    if key == "hidden_size":
+    if family not in COUPLED:
         assert saved["head_dim"] == head_dim
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert torch.allclose(_logits(plain), expected, atol=1e-5)
@@ -223,3 +225,24 @@ def test_cli_prunes_the_hidden_size(tmp_path, capsys):
     assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == 48
     write_card(out)  # renders again from the saved record
     assert tiny_config("qwen3").hidden_size == 64
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma2", "smollm3", "olmo2", "granite", "glm4", "cohere2",
+                                    "starcoder2", "phi"])
+def test_other_dense_families_reload_the_same(family, token_ids, tmp_path):
+    model = tiny_model(family)
+    model.prune(HiddenSizeConfig(amount=0.5, device="cpu"), calibration_data=token_ids)
+    expected = _logits(model)
+    model.save_pretrained(tmp_path / "out", model_card=False)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert plain.config.hidden_size == 32
+    assert torch.allclose(_logits(plain), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gpt_bigcode", "falcon"])
+def test_families_it_cannot_shrink_are_refused_before_any_work(family, token_ids):
+    model = tiny_model(family)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(UnsupportedArchitectureError, match="hidden-size pruning"):
+        model.prune(HiddenSizeConfig(amount=0.5, device="cpu"), calibration_data=token_ids)
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
