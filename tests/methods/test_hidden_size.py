@@ -246,3 +246,21 @@ def test_families_it_cannot_shrink_are_refused_before_any_work(family, token_ids
     with pytest.raises(UnsupportedArchitectureError, match="hidden-size pruning"):
         model.prune(HiddenSizeConfig(amount=0.5, device="cpu"), calibration_data=token_ids)
     assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+
+
+def test_hidden_size_then_neurons_and_layers_stay_standard(token_ids, tmp_path):
+    from hf_prune import DepthConfig, L1NormStructuredConfig
+
+    model = tiny_model("qwen3", layers=3)
+    model.prune(HiddenSizeConfig(amount=0.25, device="cpu"), calibration_data=token_ids)
+    model.prune(L1NormStructuredConfig(amount=0.5, heads=True, device="cpu"))
+    model.prune(DepthConfig(num_layers=1, device="cpu"), calibration_data=token_ids)
+    expected = _logits(model)
+    assert "hidden size 48/64" in model.pruning_report().summary()
+    model.save_pretrained(tmp_path / "out")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    config = plain.config
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.head_dim) == (48, 64, 2, 16)
+    assert torch.allclose(_logits(plain), expected, atol=1e-5)
+    ours = AutoPrunedModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert torch.allclose(_logits(ours), expected, atol=1e-5)
