@@ -126,6 +126,8 @@ def _slice(module: nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
 
 
 def _rename_sizes(model: nn.Module, old: int, new: int) -> None:
+    """Set the size attributes forwards read (``hidden_size``, ``embed_dim``, LayerNorm's ``normalized_shape``...)
+    from ``old`` to ``new`` in every module."""
     for module in model.modules():
         for name in SIZE_ATTRIBUTES:
             value = getattr(module, name, None)
@@ -135,7 +137,8 @@ def _rename_sizes(model: nn.Module, old: int, new: int) -> None:
                 setattr(module, name, (new,))
 
 
-def _norm_rows_first(norm: nn.Module, index: torch.Tensor) -> None:
+def _slice_norm(norm: nn.Module, index: torch.Tensor) -> None:
+    """Keep the channels ``index`` of a norm's weight and bias."""
     for name in ("weight", "bias"):
         if isinstance(getattr(norm, name, None), nn.Parameter):
             _slice(norm, name, 0, index)
@@ -262,7 +265,7 @@ def prune_hidden(layout: DecoderLayout, keep: Any, chooser: HeadChooser = weight
         _slice(embedding, "weight", 1, channels)
         embedding.embedding_dim = new
     for norm in modules.norms:
-        _norm_rows_first(norm, channels)
+        _slice_norm(norm, channels)
     for reader in modules.readers:
         if tied and reader is head:
             continue
