@@ -32,6 +32,7 @@ from .methods.barber.method import BarberConfig
 from .methods.depth import DepthConfig
 from .methods.experts import ExpertPruningConfig
 from .methods.fista.method import FISTAConfig
+from .methods.hidden_size import HiddenSizeConfig
 from .methods.llm_rank import LLMRankConfig
 from .methods.magnitude import MagnitudeConfig
 from .methods.mutual_info.method import MutualInfoConfig
@@ -64,6 +65,7 @@ __all__ = [
     "DistillationResult",
     "DistillationTrainer",
     "ExpertPruningConfig",
+    "HiddenSizeConfig",
     "FISTAConfig",
     "HfPruneError",
     "L1NormStructuredConfig",

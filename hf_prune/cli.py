@@ -243,6 +243,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
             else f"{config.method} ({config.pattern})")
     if getattr(config, "num_experts_to_keep", None) is not None:
         what = f"{config.method} (structured, {config.num_experts_to_keep} routed experts kept per MoE layer)"
+    elif config.method == "hidden-size":
+        what = (f"{config.method} (structured, hidden size {config.hidden_size})" if config.hidden_size is not None
+                else f"{config.method} (structured, amount {config.sparsity:g} of the hidden channels)")
     elif hasattr(config, "num_experts_to_keep"):
         what = f"{config.method} (structured, amount {config.sparsity:g} of the routed experts)"
     print(f"pruned with {what} in {results['prune_seconds']:.1f}s: {report.summary()}")
@@ -262,6 +265,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"parameters: {experts['parameters_after']:,} of {experts['parameters_before']:,} "
               f"({experts['parameters_after'] / experts['parameters_before']:.4f}); routed experts per MoE layer: "
               f"{experts['experts_after']} of {experts['experts_before']} ({experts['config_field']} in config.json)")
+    channels = (model.config.pruning_config or {}).get("removed_channels")
+    if channels:  # residual channels were removed: say the new hidden size and how much smaller the model is
+        results["parameters_before"] = channels["parameters_before"]
+        results["parameters_after"] = channels["parameters_after"]
+        results["hidden_size"] = [channels["hidden_after"], channels["hidden_before"]]
+        print(f"parameters: {channels['parameters_after']:,} of {channels['parameters_before']:,} "
+              f"({channels['parameters_after'] / channels['parameters_before']:.4f}); hidden size: "
+              f"{channels['hidden_after']} of {channels['hidden_before']} ({channels['config_field']} in config.json)")
     if args.eval_text:
         results["perplexity_after"] = _perplexity(model, tokenizer, args)
         print(f"perplexity after:  {results['perplexity_after']:.3f}")

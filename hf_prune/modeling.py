@@ -24,7 +24,7 @@ from .config import PruningConfig
 from .data.calibration import CalibrationInput, CalibrationSet, build_calibration, model_limits
 from .engine.loop import check_pruning_plan, prune_model
 from .errors import ModelNotFoundError, PruningRecordError, StructureMismatchError
-from .report import PruningReport, expert_summary, measure_sparsity, zeroing_runs
+from .report import PruningReport, channel_summary, expert_summary, measure_sparsity, zeroing_runs
 from .surgery import LOADER_ADVICE, model_shape, rebuild_recorded_structure, structure_record, structure_summary
 
 logger = logging.get_logger(__name__)
@@ -222,7 +222,8 @@ class PrunedModelForCausalLM:
         record = getattr(self.config, "pruning_config", None)
         report.structure = structure_summary(self)  # type: ignore[arg-type]
         report.experts = expert_summary(record)
-        report.zeroed = (report.structure is None and report.experts is None) or zeroing_runs(record) > 0
+        report.channels = channel_summary(record)
+        report.zeroed = report.removed_nothing or zeroing_runs(record) > 0
         return report
 
     def _tokenizer_to_save(self, tokenizer: Any) -> Any:

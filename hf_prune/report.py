@@ -100,6 +100,21 @@ class PruningReport:
     zeroed: bool = True
     #: after expert pruning: ``{"experts_before", "experts_after", "parameters_before", "parameters_after"}``
     experts: dict[str, int] | None = field(default=None)
+    #: after hidden-size pruning: ``{"hidden_before", "hidden_after", "parameters_before", "parameters_after"}``
+    channels: dict[str, int] | None = field(default=None)
+
+    def _describe_channels(self) -> str:
+        c = self.channels or {}
+        text = f"hidden size {c.get('hidden_after')}/{c.get('hidden_before')}"
+        if c.get("parameters_before"):
+            text += (f", parameters {c['parameters_after']}/{c['parameters_before']} "
+                     f"({c['parameters_after'] / c['parameters_before']:.4f})")
+        return text
+
+    @property
+    def removed_nothing(self) -> bool:
+        """No run removed neurons, heads, layers, experts or channels."""
+        return self.structure is None and self.experts is None and self.channels is None
 
     def _describe_experts(self) -> str:
         e = self.experts or {}
@@ -116,14 +131,16 @@ class PruningReport:
             parts.append(self.structure.describe())
         if self.experts is not None:
             parts.append(self._describe_experts())
-        if self.zeroed or (self.structure is None and self.experts is None):
-            label = ("of the remaining decoder Linear weights" if self.structure or self.experts
+        if self.channels is not None:
+            parts.append(self._describe_channels())
+        if self.zeroed or self.removed_nothing:
+            label = ("of the remaining decoder Linear weights" if not self.removed_nothing
                      else "of decoder Linear weights")
             parts.append(f"sparsity {self.overall:.4f} {label}")
         return "; ".join(parts)
 
     def __str__(self) -> str:
-        show_sparsity = self.zeroed or (self.structure is None and self.experts is None)
+        show_sparsity = self.zeroed or self.removed_nothing
         structure = self.structure
         header = f"{'layer':>5}"
         if structure is not None:
@@ -131,7 +148,10 @@ class PruningReport:
         if show_sparsity:
             header += f"  {'sparsity':>8}"
         lines = [header]
-        for i, sparsity in enumerate(self.per_layer):
+        per_layer = self.per_layer if structure is not None or show_sparsity else []  # no column to show
+        if not per_layer:
+            lines = []
+        for i, sparsity in enumerate(per_layer):
             line = f"{i:>5}"
             if structure is not None:
                 line += f"  {_kept_of(structure, 'mlp_neurons', i):>13}  {_kept_of(structure, 'attention_heads', i):>9}"
@@ -142,6 +162,8 @@ class PruningReport:
             lines.append(f"structured pruning {structure.describe()}")
         if self.experts is not None:
             lines.append(f"expert pruning: {self._describe_experts()}")
+        if self.channels is not None:
+            lines.append(f"hidden-size pruning: {self._describe_channels()}")
         if show_sparsity:
             label = "remaining decoder Linear weights" if structure is not None else "decoder Linear weights"
             lines.append(f"overall sparsity of {label}: {self.overall:.4f} ({self.zeros}/{self.total})")
@@ -166,8 +188,8 @@ def zeroing_runs(record: dict[str, Any] | None) -> int:
     """How many runs of a pruning record (this one and its ``previous`` list) zeroed weights.
 
     A run removed neurons or heads when the record's ``structure`` entry changed with it, and
-    routed experts when it has a ``removed_experts`` entry; every other run with a non-zero
-    sparsity set weights to zero.
+    routed experts or residual channels when it has a ``removed_experts`` or ``removed_channels``
+    entry; every other run with a non-zero sparsity set weights to zero.
     """
     if not record:
         return 0
@@ -175,7 +197,8 @@ def zeroing_runs(record: dict[str, Any] | None) -> int:
     count = 0
     for index, run in enumerate(chain):
         before = chain[index - 1].get("structure") if index else None
-        shrank = (bool(run.get("structure")) and run.get("structure") != before) or bool(run.get("removed_experts"))
+        shrank = ((bool(run.get("structure")) and run.get("structure") != before) or bool(run.get("removed_experts"))
+                  or bool(run.get("removed_channels")))
         if not shrank and float(run.get("sparsity") or 0) > 0:
             count += 1
     return count
@@ -191,6 +214,19 @@ def expert_summary(record: dict[str, Any] | None) -> dict[str, int] | None:
     if not runs:
         return None
     return {"experts_before": runs[0].get("experts_before"), "experts_after": runs[-1].get("experts_after"),
+            "parameters_before": runs[0].get("parameters_before"), "parameters_after": runs[-1].get("parameters_after")}
+
+
+def channel_summary(record: dict[str, Any] | None) -> dict[str, int] | None:
+    """Hidden size and parameters before the first hidden-size pruning run of a record and after its last;
+    ``None`` when no run removed residual channels."""
+    if not record:
+        return None
+    chain = [*(record.get("previous") or []), {k: v for k, v in record.items() if k != "previous"}]
+    runs = [run["removed_channels"] for run in chain if isinstance(run.get("removed_channels"), dict)]
+    if not runs:
+        return None
+    return {"hidden_before": runs[0].get("hidden_before"), "hidden_after": runs[-1].get("hidden_after"),
             "parameters_before": runs[0].get("parameters_before"), "parameters_after": runs[-1].get("parameters_after")}
 
 

@@ -191,12 +191,13 @@ def architecture_rows(structure: dict[str, Any] | None) -> list[tuple[str, str, 
 
 def structured_steps(chain: list[dict[str, Any]]) -> list[bool]:
     """Which runs removed neurons, heads, layers or experts: those after which the ``structure`` entry
-    changed, and those that removed routed experts (``removed_experts``)."""
+    changed, and those that removed routed experts (``removed_experts``) or residual channels
+    (``removed_channels``)."""
     flags = []
     for index, record in enumerate(chain):
         before = chain[index - 1].get("structure") if index else None
         shrank = bool(record.get("structure")) and record.get("structure") != before
-        flags.append(shrank or expert_removal(record) is not None)
+        flags.append(shrank or expert_removal(record) is not None or channel_removal(record) is not None)
     return flags
 
 
@@ -245,6 +246,32 @@ def model_expert_removal(chain: list[dict[str, Any]]) -> dict[str, Any] | None:
     return {**runs[-1], "before": runs[0]["before"], "parameters_before": runs[0]["parameters_before"]}
 
 
+def channel_removal(record: dict[str, Any]) -> dict[str, Any] | None:
+    """What a run of hidden-size pruning removed, from its ``removed_channels`` entry (``None`` for other runs)."""
+    entry = record.get("removed_channels")
+    if not isinstance(entry, dict):
+        return None
+    before, after = _count(entry.get("hidden_before")), _count(entry.get("hidden_after"))
+    if before is None or after is None:
+        return None
+    return {
+        "before": before, "after": after, "field": str(entry.get("config_field") or ""),
+        "head_dim_before": _count(entry.get("head_dim_before")), "head_dim_after": _count(entry.get("head_dim_after")),
+        "parameters_before": _count(entry.get("parameters_before")),
+        "parameters_after": _count(entry.get("parameters_after")),
+    }
+
+
+def model_channel_removal(chain: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Hidden size before the first hidden-size pruning run and after the last; ``None`` when no run removed
+    residual channels."""
+    runs = [facts for facts in (channel_removal(r) for r in chain) if facts is not None]
+    if not runs:
+        return None
+    return {**runs[-1], "before": runs[0]["before"], "head_dim_before": runs[0]["head_dim_before"],
+            "parameters_before": runs[0]["parameters_before"]}
+
+
 def heads_removed(rows: list[dict[str, Any]] | None) -> bool:
     return bool(rows) and any(r["heads"] is not None and r["heads"] != r["heads_total"] for r in rows)
 
@@ -273,12 +300,19 @@ def runtimes(checkpoint: Checkpoint) -> list[dict[str, Any]]:
     # plain transformers loading an expert-pruned checkpoint is what the tests measure; the others read the same
     # config fields but are not tested on one
     experts_removed = any(isinstance(r.get("removed_experts"), dict) for r in checkpoint.chain)
+    channels_removed = any(isinstance(r.get("removed_channels"), dict) for r in checkpoint.chain)
     rows = []
     for name, entry in RUNTIMES:
         ours = name == "hf_prune"
         loads = ours or why is None
-        note = ("expected: it reads the kept expert count from config.json; not tested on expert-pruned checkpoints"
-                if loads and experts_removed and name in ("vLLM", "llama.cpp") else None)
+        note = None
+        if loads and name in ("vLLM", "llama.cpp"):
+            if experts_removed:
+                note = ("expected: it reads the kept expert count from config.json; not tested on expert-pruned "
+                        "checkpoints")
+            elif channels_removed:
+                note = ("expected: it reads the hidden size and head_dim from config.json; not tested on "
+                        "hidden-size-pruned checkpoints")
         rows.append({"name": name, "entry": entry, "loads": loads, "why": None if ours else why, "note": note})
     return rows
 

@@ -30,9 +30,11 @@ from ..methods.patterns import parse_pattern
 from .facts import (
     Checkpoint,
     architecture_rows,
+    channel_removal,
     expert_facts,
     expert_removal,
     heads_removed,
+    model_channel_removal,
     model_expert_removal,
     read_checkpoint,
     removed_units,
@@ -193,8 +195,9 @@ def _metadata(checkpoint: Checkpoint, info: CardInfo, kinds: _Kinds, base_model:
               license_id: str | None, model_name: str) -> ModelCardData:
     chain = checkpoint.chain
     tags = ["pruned", "hf-prune", *(str(r.get("method", "")) for r in chain)]
-    tags += (["structured"] if kinds.structure or model_expert_removal(chain) else []) + (
-        ["unstructured"] if kinds.unstructured else []) + (["distilled"] if chain[-1].get("distillation") else [])
+    tags += (["structured"] if kinds.structure or model_expert_removal(chain) or model_channel_removal(chain)
+             else []) + (["unstructured"] if kinds.unstructured else []) + (
+        ["distilled"] if chain[-1].get("distillation") else [])
     tags += [f"sparsity-{p.n}of{p.m}" for p in (parse_pattern(r.get("pattern", "unstructured")) for r in chain)
              if p.is_nm]
     datasets = []
@@ -247,6 +250,7 @@ def _step_rows(chain: list[dict[str, Any]], shrinks: list[bool]) -> list[dict[st
             "owl": bool(record.get("owl")),
             "experts": expert_facts(record),
             "removed_experts": expert_removal(record),
+            "removed_channels": channel_removal(record),
             "structured": shrank,
             "units": ", ".join(removed_units(record.get("structure"), before)) if shrank else "",
             "targets": [code_span(t) for t in record.get("targets") or []],
@@ -274,7 +278,7 @@ def _sizes(checkpoint: Checkpoint, source: dict[str, Any]) -> dict[str, str]:
     modules = (chain[-1].get("measured_sparsity") or {}).get("modules") or {}
     zeros = sum(round(s * _elements(checkpoint.tensors, name, modules)) for name, s in modules.items())
     structure = next((r["structure"] for r in reversed(chain) if r.get("structure")), {})
-    experts = model_expert_removal(chain) or {}
+    experts = model_expert_removal(chain) or model_channel_removal(chain) or {}
     before = source.get("parameters") or structure.get("parameters_before") or experts.get("parameters_before")
     after = checkpoint.parameters
     return {
@@ -424,7 +428,7 @@ def card_context(checkpoint: Checkpoint, info: CardInfo, plot: str | None) -> tu
         model_name = info.repo_id.rsplit("/", 1)[-1]
     else:
         nm = kinds.nm
-        shrunk = kinds.structure or model_expert_removal(chain)
+        shrunk = kinds.structure or model_expert_removal(chain) or model_channel_removal(chain)
         suffix = f"{nm.n}of{nm.m}" if nm else "structured" if shrunk else f"{round(100 * config.sparsity)}pct"
         model_name = f"{_base_short_name(base_model)}-{config.method}-{suffix}"
     card_data = _metadata(checkpoint, info, kinds, base_model, license_id, model_name)
@@ -451,6 +455,7 @@ def card_context(checkpoint: Checkpoint, info: CardInfo, plot: str | None) -> tu
         "removed_units": " and ".join(removed_units(structure)) or "MLP neurons",
         "architecture": architecture_rows(structure),
         "expert_removal": _expert_context(model_expert_removal(chain)),
+        "channel_removal": _channel_context(model_channel_removal(chain)),
         "runtimes": [{**row, "name": Markup(f"{escape_markdown(row['name'])} ({code_span(row['entry'])})")
                       if row["entry"] else row["name"]} for row in runtime_rows],
         "standard": all(row["loads"] for row in runtime_rows),
@@ -484,6 +489,22 @@ def _expert_context(facts: dict[str, Any] | None) -> dict[str, Any] | None:
     field = f" ({code_span(facts['field'])})" if facts["field"] else ""
     rows = [(Markup("routed experts per mixture-of-experts layer") + Markup(field), str(facts["before"]),
              str(facts["after"]))]
+    before, after = facts["parameters_before"], facts["parameters_after"]
+    if before and after is not None:
+        rows.append(("parameters", f"{before:,}", f"{after:,} ({100 * after / before:.1f}%)"))
+    return {**facts, "rows": rows, "field_code": code_span(facts["field"]) if facts["field"] else None}
+
+
+def _channel_context(facts: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The model-level hidden-size facts with their architecture rows, for the template."""
+    if facts is None:
+        return None
+    field = f" ({code_span(facts['field'])})" if facts["field"] else ""
+    rows = [(Markup("hidden size, the residual stream's width") + Markup(field), str(facts["before"]),
+             str(facts["after"]))]
+    if facts["head_dim_before"] is not None and facts["head_dim_before"] != facts["head_dim_after"]:
+        rows.append((Markup(f"attention head width ({code_span('head_dim')})"), str(facts["head_dim_before"]),
+                     str(facts["head_dim_after"])))
     before, after = facts["parameters_before"], facts["parameters_after"]
     if before and after is not None:
         rows.append(("parameters", f"{before:,}", f"{after:,} ({100 * after / before:.1f}%)"))
@@ -533,7 +554,7 @@ def write_card(directory: str | os.PathLike, info: CardInfo | None = None) -> Pa
         neurons = [_share(r["neurons"], r["neurons_total"]) for r in structure]
         heads = [_share(r["heads"], r["heads_total"]) for r in structure] if heads_removed(structure) else None
         plot = save_layer_plot(directory / PLOT_NAME, measured, kept_neurons=neurons, kept_heads=heads)
-    elif model_expert_removal(chain):  # the card's table lists the experts kept per layer; no sparsity to plot
+    elif model_expert_removal(chain) or model_channel_removal(chain):  # no per-layer sparsity to plot
         plot = None
     else:
         plot = save_layer_plot(directory / PLOT_NAME, measured, latest.get("layer_sparsity"))

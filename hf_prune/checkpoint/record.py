@@ -17,6 +17,8 @@ from ..walker.layout import Operator, decoder_operators
 from .provenance import public_source_name
 
 TOLERANCE = 1e-4
+#: largest hidden size or head width a record may state (keeps crafted numbers off the card)
+MAX_WIDTH = 2**20
 #: Entries holding flat JSON objects (strings, numbers, booleans, null as values).
 _FLAT_ENTRIES = ("calibration_used", "source", "evaluation")
 _SCALARS = (str, int, float, bool, type(None))
@@ -126,6 +128,38 @@ def check_distillation_entry(entry: Any, path: str) -> None:
         raise _refuse(f"{path}.lora", f"must be true or false, got {short_repr(entry.get('lora'))}")
 
 
+def _check_removed_channels(entry: Any, path: str) -> None:
+    """The residual channels a hidden-size run removed (``methods.hidden_size``): sizes before and after, the
+    removed channel indices (one per removed channel, within the old width) and the channel scores."""
+    if not isinstance(entry, dict):
+        raise _refuse(path, f"must be a JSON object, got {short_repr(entry)}")
+    for key in ("parameters_before", "parameters_after"):
+        if entry.get(key) is not None and not _natural(entry[key]):
+            raise _refuse(f"{path}.{key}", f"must be a parameter count, got {short_repr(entry[key])}")
+    for key in ("hidden_before", "hidden_after", "head_dim_before", "head_dim_after"):
+        if not _natural(entry.get(key)) or entry[key] > MAX_WIDTH:
+            raise _refuse(f"{path}.{key}", f"must be a width in [0, {MAX_WIDTH}], got {short_repr(entry.get(key))}")
+    before, after = entry["hidden_before"], entry["hidden_after"]
+    if after > before or entry["head_dim_after"] > entry["head_dim_before"]:
+        raise _refuse(path, "keeps more channels than it started from")
+    if not isinstance(entry.get("config_field"), str):
+        raise _refuse(f"{path}.config_field", f"must be a string, got {short_repr(entry.get('config_field'))}")
+    removed = entry.get("removed")
+    if (not isinstance(removed, list) or len(removed) != before - after
+            or not all(_natural(c) and c < before for c in removed) or len(set(removed)) != len(removed)):
+        raise _refuse(f"{path}.removed", f"must list the {before - after} distinct removed channels, each below "
+                      f"{before}, got {short_repr(removed)}")
+    scales = entry.get("norm_scales", [])
+    if not isinstance(scales, list) or len(scales) > MAX_WIDTH or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in scales):
+        raise _refuse(f"{path}.norm_scales", f"must list finite non-negative factors, got {short_repr(scales)}")
+    scores = entry.get("scores", [])
+    if not isinstance(scores, list) or len(scores) not in (0, before) or not all(
+            isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and math.isfinite(v)
+            for v in scores):
+        raise _refuse(f"{path}.scores", f"must list one finite score per channel, got {short_repr(scores)}")
+
+
 def _check_run(record: dict[str, Any], path: str, require_measurement: bool) -> None:
     """One pruning run: its configuration, measurements and flat descriptions."""
     try:
@@ -159,6 +193,8 @@ def _check_run(record: dict[str, Any], path: str, require_measurement: bool) -> 
         _check_removed_experts(record["removed_experts"], f"{path}.removed_experts")
     if record.get("distillation") is not None:
         check_distillation_entry(record["distillation"], f"{path}.distillation")
+    if record.get("removed_channels") is not None:
+        _check_removed_channels(record["removed_channels"], f"{path}.removed_channels")
     version = record.get("hf_prune_version")
     if version is not None and not isinstance(version, str):
         raise _refuse(f"{path}.hf_prune_version", f"must be a string, got {short_repr(version)}")
