@@ -203,6 +203,19 @@ def _is_structured(config: PruningConfig) -> bool:
     return isinstance(config, StructuredConfig)
 
 
+
+def _report_smaller(results: dict, entry: dict, key: str, kept_of: list[int], label: str,
+                    config_field: str | None = None) -> None:
+    """Record and print how much smaller a structured run left the model: parameters and ``label`` kept of before."""
+    results["parameters_before"] = entry["parameters_before"]
+    results["parameters_after"] = entry["parameters_after"]
+    results[key] = kept_of
+    field = f" ({config_field} in config.json)" if config_field else ""
+    print(f"parameters: {entry['parameters_after']:,} of {entry['parameters_before']:,} "
+          f"({entry['parameters_after'] / entry['parameters_before']:.4f}); "
+          f"{label}: {kept_of[0]} of {kept_of[1]}{field}")
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     method_given = args.method is not None
     args.method = args.method or "wanda"
@@ -249,30 +262,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     elif hasattr(config, "num_experts_to_keep"):
         what = f"{config.method} (structured, amount {config.sparsity:g} of the routed experts)"
     print(f"pruned with {what} in {results['prune_seconds']:.1f}s: {report.summary()}")
-    structure = (model.config.pruning_config or {}).get("structure")
-    if structure:  # neurons, heads or layers were removed: say how much smaller the model is
-        results["parameters_before"] = structure["parameters_before"]
-        results["parameters_after"] = structure["parameters_after"]
-        results["decoder_layers"] = [len(structure["mlp_neurons"]), len(structure["dense"]["mlp_neurons"])]
-        print(f"parameters: {structure['parameters_after']:,} of {structure['parameters_before']:,} "
-              f"({structure['parameters_after'] / structure['parameters_before']:.4f}); decoder layers: "
-              f"{len(structure['mlp_neurons'])} of {len(structure['dense']['mlp_neurons'])}")
-    experts = (model.config.pruning_config or {}).get("removed_experts")
-    if experts:  # routed experts were removed: say how many are left and how much smaller the model is
-        results["parameters_before"] = experts["parameters_before"]
-        results["parameters_after"] = experts["parameters_after"]
-        results["routed_experts"] = [experts["experts_after"], experts["experts_before"]]
-        print(f"parameters: {experts['parameters_after']:,} of {experts['parameters_before']:,} "
-              f"({experts['parameters_after'] / experts['parameters_before']:.4f}); routed experts per MoE layer: "
-              f"{experts['experts_after']} of {experts['experts_before']} ({experts['config_field']} in config.json)")
-    channels = (model.config.pruning_config or {}).get("removed_channels")
-    if channels:  # residual channels were removed: say the new hidden size and how much smaller the model is
-        results["parameters_before"] = channels["parameters_before"]
-        results["parameters_after"] = channels["parameters_after"]
-        results["hidden_size"] = [channels["hidden_after"], channels["hidden_before"]]
-        print(f"parameters: {channels['parameters_after']:,} of {channels['parameters_before']:,} "
-              f"({channels['parameters_after'] / channels['parameters_before']:.4f}); hidden size: "
-              f"{channels['hidden_after']} of {channels['hidden_before']} ({channels['config_field']} in config.json)")
+    record = model.config.pruning_config or {}
+    structure = record.get("structure")
+    if structure:  # neurons, heads or layers were removed
+        layers = [len(structure["mlp_neurons"]), len(structure["dense"]["mlp_neurons"])]
+        _report_smaller(results, structure, "decoder_layers", layers, "decoder layers")
+    experts = record.get("removed_experts")
+    if experts:  # routed experts were removed
+        _report_smaller(results, experts, "routed_experts", [experts["experts_after"], experts["experts_before"]],
+                        "routed experts per MoE layer", experts["config_field"])
+    channels = record.get("removed_channels")
+    if channels:  # residual channels were removed
+        _report_smaller(results, channels, "hidden_size", [channels["hidden_after"], channels["hidden_before"]],
+                        "hidden size", channels["config_field"])
     if args.eval_text:
         results["perplexity_after"] = _perplexity(model, tokenizer, args)
         print(f"perplexity after:  {results['perplexity_after']:.3f}")
