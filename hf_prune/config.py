@@ -264,6 +264,33 @@ class PruningConfig:
         if self.owl is not None and not isinstance(self.owl, OWLSettings):
             raise PruningConfigError("owl", f"owl must be None, True or OWLSettings, got {short_repr(self.owl)}")
 
+    def _resolve_amount(self, count_field: str, count_minimum: int, count_meaning: str, amount_meaning: str,
+                        default: float) -> None:
+        """For whole-model structured methods: settle ``amount`` (a share removed) against an exact count.
+
+        Either ``count_field`` (at least ``count_minimum``) or ``amount`` may be given, not both; without
+        either, ``amount`` is ``sparsity`` or ``default``. ``sparsity`` then mirrors ``amount`` (0 with a count).
+        """
+        count = getattr(self, count_field)
+        if count is not None:
+            if count < count_minimum:
+                kind = "positive" if count_minimum > 0 else "non-negative"
+                raise PruningConfigError(count_field, f"{count_field} must be a {kind} integer ({count_meaning}), "
+                                         f"got {count!r}")
+            if self.amount is not None:
+                raise PruningConfigError("amount", f"pass either amount (the share of {amount_meaning} removed) or "
+                                         f"{count_field} ({count_meaning}), not both")
+        elif self.amount is None:
+            self.amount = self.sparsity if self.sparsity is not None else default
+        if self.amount is not None:
+            if not 0 <= self.amount < 1:
+                raise PruningConfigError("amount", f"amount must be in [0, 1) (the share of {amount_meaning} "
+                                         f"removed), got {self.amount!r}")
+            if self.sparsity is not None and not math.isclose(self.sparsity, self.amount, abs_tol=1e-9):
+                raise PruningConfigError("amount", f"amount={self.amount} and sparsity={self.sparsity} differ; pass "
+                                         "only amount")
+        self.sparsity = self.amount if self.amount is not None else 0.0
+
     def _check_types(self) -> None:
         """Normalise shorthands, then check every field's type (``PruningConfigError`` naming it)."""
         self._normalize_fields()

@@ -83,23 +83,7 @@ class DepthConfig(PruningConfig):
 
     def __post_init__(self) -> None:
         self._check_types()  # amount, sparsity and num_layers are compared before the shared checks run
-        if self.num_layers is not None:
-            if self.num_layers < 0:
-                raise PruningConfigError("num_layers", f"num_layers must be a non-negative integer (layers removed), "
-                                         f"got {self.num_layers!r}")
-            if self.amount is not None:
-                raise PruningConfigError("amount", "pass either amount (a share of the layers) or num_layers (a "
-                                         "count), not both")
-        elif self.amount is None:
-            self.amount = self.sparsity if self.sparsity is not None else DEFAULT_AMOUNT
-        if self.amount is not None:
-            if not 0 <= self.amount < 1:
-                raise PruningConfigError("amount", f"amount must be in [0, 1) (the share of decoder layers removed), "
-                                         f"got {self.amount!r}")
-            if self.sparsity is not None and not math.isclose(self.sparsity, self.amount, abs_tol=1e-9):
-                raise PruningConfigError("amount", f"amount={self.amount} and sparsity={self.sparsity} differ; pass "
-                                         "only amount")
-        self.sparsity = self.amount if self.amount is not None else 0.0
+        self._resolve_amount("num_layers", 0, "layers removed", "decoder layers", DEFAULT_AMOUNT)
         if self.pattern != "unstructured":
             raise PruningConfigError(
                 "pattern", f"pattern={self.pattern!r} does not apply to depth pruning, which removes whole layers; "

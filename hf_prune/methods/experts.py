@@ -80,23 +80,8 @@ class ExpertPruningConfig(PruningConfig):
 
     def __post_init__(self) -> None:
         self._check_types()  # amount, sparsity and num_experts_to_keep are compared before the shared checks
-        if self.num_experts_to_keep is not None:
-            if self.num_experts_to_keep < 1:
-                raise PruningConfigError("num_experts_to_keep", "num_experts_to_keep must be a positive integer "
-                                         f"(routed experts kept per MoE layer), got {self.num_experts_to_keep!r}")
-            if self.amount is not None:
-                raise PruningConfigError("amount", "pass either amount (a share of the experts removed) or "
-                                         "num_experts_to_keep (a count kept), not both")
-        elif self.amount is None:
-            self.amount = self.sparsity if self.sparsity is not None else DEFAULT_AMOUNT
-        if self.amount is not None:
-            if not 0 <= self.amount < 1:
-                raise PruningConfigError("amount", "amount must be in [0, 1) (the share of each MoE layer's routed "
-                                         f"experts removed), got {self.amount!r}")
-            if self.sparsity is not None and not math.isclose(self.sparsity, self.amount, abs_tol=1e-9):
-                raise PruningConfigError("amount", f"amount={self.amount} and sparsity={self.sparsity} differ; pass "
-                                         "only amount")
-        self.sparsity = self.amount if self.amount is not None else 0.0
+        self._resolve_amount("num_experts_to_keep", 1, "routed experts kept per MoE layer",
+                             "each MoE layer's routed experts", DEFAULT_AMOUNT)
         if self.pattern != "unstructured":
             raise PruningConfigError("pattern", f"pattern={self.pattern!r} does not apply to expert pruning, which "
                                      "removes whole experts; prune again afterwards with e.g. "

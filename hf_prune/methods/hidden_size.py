@@ -91,23 +91,7 @@ class HiddenSizeConfig(PruningConfig):
 
     def __post_init__(self) -> None:
         self._check_types()  # amount, sparsity and hidden_size are compared before the shared checks run
-        if self.hidden_size is not None:
-            if self.hidden_size < 1:
-                raise PruningConfigError("hidden_size", "hidden_size must be a positive integer (channels kept), "
-                                         f"got {self.hidden_size!r}")
-            if self.amount is not None:
-                raise PruningConfigError("amount", "pass either amount (a share of the channels removed) or "
-                                         "hidden_size (the channels kept), not both")
-        elif self.amount is None:
-            self.amount = self.sparsity if self.sparsity is not None else DEFAULT_AMOUNT
-        if self.amount is not None:
-            if not 0 <= self.amount < 1:
-                raise PruningConfigError("amount", "amount must be in [0, 1) (the share of hidden channels "
-                                         f"removed), got {self.amount!r}")
-            if self.sparsity is not None and not math.isclose(self.sparsity, self.amount, abs_tol=1e-9):
-                raise PruningConfigError("amount", f"amount={self.amount} and sparsity={self.sparsity} differ; pass "
-                                         "only amount")
-        self.sparsity = self.amount if self.amount is not None else 0.0
+        self._resolve_amount("hidden_size", 1, "channels kept", "hidden channels", DEFAULT_AMOUNT)
         if self.round_to < 1:
             raise PruningConfigError("round_to", f"round_to must be a positive integer, got {self.round_to!r}")
         if self.pattern != "unstructured":
