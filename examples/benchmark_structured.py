@@ -1,7 +1,7 @@
-"""Structured pruning on SmolLM2-135M: LLM-Rank and mutual-information pruning (compensation on
-and off) against L1-norm and activation-norm, in one run.
+"""Structured pruning on SmolLM2-135M: LLM-Rank (default score and the paper's settings) and
+mutual-information pruning (compensation on and off) against L1-norm and activation-norm, in one run.
 
-For each method and share of MLP neurons removed (10%, 20%, 30% by default) this prunes a
+For each method and share of MLP neurons removed (10%, 20%, 30%, 50% by default) this prunes a
 copy of the dense model (fp32, CPU), then reports perplexity (first 48 windows of 512
 tokens of wiki_sample.txt), parameter count, checkpoint size on disk, and speed against
 the dense model measured in the same rounds: prefill tokens/s (batch 1 x 512, one forward
@@ -10,7 +10,8 @@ tokens/s (greedy, 128 new tokens after a 32-token prompt). Every method keeps th
 number of neurons per layer at a given amount, so the pruned shapes (and speed) are the
 same: speed is measured once per amount, on the first method's model. Each saved
 checkpoint is reloaded with ``AutoPrunedModelForCausalLM`` and checked to give the same
-logits.
+logits. ``--no-speed`` skips the timing (the table then shows perplexity, pruning time and
+parameters only).
 
     nice -n 19 env OMP_NUM_THREADS=1 python examples/benchmark_structured.py --json results.json
 
@@ -32,16 +33,22 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_EVAL = HERE.parent.parent / "shared" / "data" / "wiki_sample.txt"
-METHODS = ("llm-rank", "l1-norm-structured", "activation-norm-structured", "mutual-info",
-           "mutual-info-uncompensated")
+METHODS = ("llm-rank", "llm-rank-paper", "llm-rank-energy", "l1-norm-structured", "activation-norm-structured",
+           "mutual-info", "mutual-info-uncompensated")
 #: benchmark names that are a method with some fields set
-VARIANTS = {"mutual-info-uncompensated": ("mutual-info", {"compensate": False})}
+VARIANTS = {
+    "mutual-info-uncompensated": ("mutual-info", {"compensate": False}),
+    # the paper's LLM-Rank: centrality with gamma 0.9 of the score from the flow, theta 0.5, chained
+    "llm-rank-paper": ("llm-rank", {"score": "centrality", "scope": "chained", "gamma": 0.9, "theta": 0.5}),
+    # the default centrality weighted by each neuron's output norm ``‖W_out[:, j]‖·‖h_j‖``
+    "llm-rank-energy": ("llm-rank", {"score": "energy"}),
+}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--amounts", nargs="+", type=float, default=[0.1, 0.2, 0.3])
+    parser.add_argument("--amounts", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.5])
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-text", default=str(DEFAULT_EVAL))
@@ -49,6 +56,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3, help="alternating dense/pruned timing rounds")
+    parser.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing (saves time)")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="extra LLMRankConfig field, e.g. gamma=0.5 (repeatable)")
     parser.add_argument("--json", help="write the results here")
@@ -61,7 +69,7 @@ def make_config(method: str, amount: float, args: argparse.Namespace):
     method, fields = VARIANTS.get(method, (method, {}))
     data = {"method": method, "amount": amount, **fields, "calibration": "c4-sample", "num_samples": args.num_samples,
             "seq_len": args.seq_len, "seed": 0, "device": "cpu"}
-    if method == "llm-rank":
+    if method == "llm-rank" and not fields:  # --param tunes the plain llm-rank run, not the presets
         for item in args.param:
             key, _, raw = item.partition("=")
             data[key] = json.loads(raw) if raw[:1] in "0123456789-[{tf" else raw
@@ -150,6 +158,8 @@ def main() -> None:
                 del reloaded
                 report = structure_report(model)
                 neurons = [s.mlp_neurons for s in report.shape.layers]
+                if timing is None and args.no_speed:
+                    timing = {}
                 if timing is None:
                     timing = speed(dense, model, prefill_ids, prompt, args.decode_tokens, args.rounds)
                     timing["speed_measured_on"] = method
@@ -169,16 +179,21 @@ def main() -> None:
 def print_table(results: dict) -> None:
     dense = results["dense"]
     l1 = {r["amount"]: r["perplexity"] for r in results["runs"] if r["method"] == "l1-norm-structured"}
+    act = {r["amount"]: r["perplexity"] for r in results["runs"] if r["method"] == "activation-norm-structured"}
     print(f"\ndense perplexity {dense['perplexity']:.2f}, {dense['parameters'] / 1e6:.2f}M parameters, "
           f"{dense['bytes'] / 2**20:.1f} MiB; threads {results['threads']}")
-    header = (f"{'method':<27} {'amount':>6} {'ppl':>8} {'ppl/L1':>7} {'params':>8} {'size':>6} "
-              f"{'prefill tok/s':>13} {'x dense':>7} {'decode tok/s':>12} {'x dense':>7}")
+    header = (f"{'method':<27} {'amount':>6} {'ppl':>10} {'ppl/L1':>7} {'ppl/act':>7} {'prune s':>7} "
+              f"{'params':>10} {'x dense':>7} {'size':>6} {'prefill tok/s':>13} {'x dense':>7} "
+              f"{'decode tok/s':>12} {'x dense':>7}")
     print(header)
+    nan = float("nan")
     for r in results["runs"]:
-        vs_l1 = r["perplexity"] / l1[r["amount"]] if r["amount"] in l1 else float("nan")
-        print(f"{r['method']:<27} {r['amount']:>6.2f} {r['perplexity']:>8.2f} {vs_l1:>7.3f} "
-              f"{r['parameter_ratio']:>8.4f} {r['size_ratio']:>6.3f} {r['prefill_tok_s']:>13.1f} "
-              f"{r['prefill_speedup']:>7.3f} {r['decode_tok_s']:>12.1f} {r['decode_speedup']:>7.3f}")
+        vs_l1 = r["perplexity"] / l1[r["amount"]] if r["amount"] in l1 else nan
+        vs_act = r["perplexity"] / act[r["amount"]] if r["amount"] in act else nan
+        print(f"{r['method']:<27} {r['amount']:>6.2f} {r['perplexity']:>10.2f} {vs_l1:>7.3f} {vs_act:>7.3f} "
+              f"{r['prune_seconds']:>7.1f} {r['parameters']:>10} {r['parameter_ratio']:>7.4f} {r['size_ratio']:>6.3f} "
+              f"{r.get('prefill_tok_s', nan):>13.1f} {r.get('prefill_speedup', nan):>7.3f} "
+              f"{r.get('decode_tok_s', nan):>12.1f} {r.get('decode_speedup', nan):>7.3f}")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ import pytest
 import torch
 from tiny_models import SHARED_DATA, tiny_model
 
-from hf_prune import AutoPrunedModelForCausalLM, LLMRankConfig, evaluate_perplexity
+from hf_prune import AutoPrunedModelForCausalLM, LLMRankConfig, PruningConfig, evaluate_perplexity
 from hf_prune.engine.statistics import InputStatistics, StatKind
+from hf_prune.errors import PruningConfigError
 from hf_prune.methods.base import LayerContext
 from hf_prune.methods.llm_rank import LLMRankPruner
-from hf_prune.methods.structured.base import kept_count
+from hf_prune.methods.structured.base import kept_count, top_units
 from hf_prune.methods.structured.scores import propagate
 from hf_prune.report import count_parameters
 from hf_prune.surgery import attention_geometry, layer_sizes
@@ -77,21 +78,22 @@ def test_propagate_normalizes_columns():
     assert torch.equal(propagate(torch.zeros(3, 2), importance, 0.5), torch.zeros(3))
 
 
-def _context(model, index: int, hidden_norm: torch.Tensor) -> LayerContext:
-    """A layer context whose MLP statistics say: these input channel norms, equal neuron activations."""
+def _context(model, index: int, hidden_norm: torch.Tensor, neuron_norm: torch.Tensor | None = None) -> LayerContext:
+    """A layer context whose MLP statistics say: these input channel norms, these neuron activation norms
+    (default: all equal)."""
     layout = DecoderLayout(model)
     prefix = layout.layer_prefix(index)
     mlp_input = InputStatistics(hidden_norm.numel(), StatKind.NORMS, torch.device("cpu"))
     mlp_input.update(hidden_norm.unsqueeze(0))
     neurons = InputStatistics(128, StatKind.NORMS, torch.device("cpu"))
-    neurons.update(torch.ones(1, 128))
+    neurons.update(torch.ones(1, 128) if neuron_norm is None else neuron_norm.unsqueeze(0))
     stats = {f"{prefix}.mlp.gate_proj": mlp_input, f"{prefix}.mlp.up_proj": mlp_input,
              f"{prefix}.mlp.down_proj": neurons}
     return LayerContext(layout, index, layout.layers[index], None, None, [], 0.5, torch.device("cpu"), 1, stats)
 
 
 def test_chained_importance_flows_from_the_previous_layer():
-    """Neurons 0-63 read hidden channels 0-31 only, neurons 64-127 channels 32-63 only."""
+    """Neurons 0-63 read hidden channels 0-31 only, neurons 64-127 channels 32-63 only (the paper's centrality)."""
     model = tiny_model("llama")
     layout = DecoderLayout(model)
     with torch.no_grad():
@@ -100,18 +102,18 @@ def test_chained_importance_flows_from_the_previous_layer():
             weight[:64, 32:] = 0.0
             weight[64:, :32] = 0.0
     uniform = torch.ones(64)
-    chained = LLMRankPruner(LLMRankConfig(amount=0.5, gamma=1.0))
+    chained = LLMRankPruner(LLMRankConfig(amount=0.5, gamma=1.0, score="centrality"))
     chained.residual = torch.cat([torch.full((32,), 1 / 32), torch.zeros(32)])  # the last MLP wrote channels 0-31
     scores = chained.score_neurons(_context(model, 1, uniform))
     assert scores.sum() == pytest.approx(1.0)
     assert scores[64:].sum() == 0 and bool((scores[:64] > 0).all())
 
-    isolated = LLMRankPruner(LLMRankConfig(amount=0.5, gamma=1.0, scope="isolated"))
+    isolated = LLMRankPruner(LLMRankConfig(amount=0.5, gamma=1.0, scope="isolated", score="centrality"))
     isolated.residual = chained.residual
     scores = isolated.score_neurons(_context(model, 1, uniform))  # starts from its own (uniform) input norms
     assert scores[:64].sum() == pytest.approx(0.5, abs=1e-5)
 
-    mixed = LLMRankPruner(LLMRankConfig(amount=0.5, gamma=0.5))
+    mixed = LLMRankPruner(LLMRankConfig(amount=0.5, gamma=0.5, score="centrality"))
     mixed.residual = chained.residual
     scores = mixed.score_neurons(_context(model, 1, uniform))
     assert scores[64:].sum() == pytest.approx(0.25, abs=1e-5)  # half of it is the (equal) activation norms
@@ -153,3 +155,85 @@ def test_llm_rank_on_smollm2(smollm2, tmp_path):
     reloaded = AutoPrunedModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(probe).logits, expected)
+
+
+def _plant_loud_neuron(model, neuron: int, input_scale: float = 0.3, output_scale: float = 1000.0) -> None:
+    """Make ``neuron`` of every layer read weakly (small gate/up rows) but write loudly (large down column):
+    a small activation that carries most of the MLP's output, like a massive-activation neuron."""
+    layout = DecoderLayout(model)
+    with torch.no_grad():
+        for index in range(len(layout)):
+            for name in layout.spec.mlp_in:
+                operator(layout, index, name).read_weight()[neuron] *= input_scale
+            operator(layout, index, layout.spec.mlp_out).read_weight()[:, neuron] *= output_scale
+
+
+def _keeps_loud_neuron(model) -> list[bool]:
+    """Per layer: whether a down-projection column still dwarfs the others (the planted neuron survived)."""
+    layout = DecoderLayout(model)
+    kept = []
+    for index in range(len(layout)):
+        norms = operator(layout, index, layout.spec.mlp_out).read_weight().norm(dim=0)
+        kept.append(bool(norms.max() > 50 * norms.median()))
+    return kept
+
+
+def test_energy_score_keeps_the_neuron_whose_removal_loses_most(token_ids):
+    """The centrality (default and paper) ranks the planted neuron last (weak inputs, small activation) and
+    removes it; ``score="energy"`` weights the centrality by the output the neuron adds, keeps it, and stays
+    closer to the dense model."""
+    dense = tiny_model("llama")
+    _plant_loud_neuron(dense, neuron=5)
+    with torch.no_grad():
+        reference = dense(token_ids).logits
+    errors = {}
+    for score, gamma in (("energy", 0.9), ("centrality", 0.9), ("centrality", 0.5)):
+        model = copy.deepcopy(dense)
+        model.prune(LLMRankConfig(amount=0.5, score=score, gamma=gamma, round_to=1, device="cpu"),
+                    calibration_data=token_ids)
+        with torch.no_grad():
+            errors[score, gamma] = (model(token_ids).logits - reference).norm().item()
+        assert _keeps_loud_neuron(model) == [score == "energy"] * 2, (score, gamma)
+    assert errors["energy", 0.9] < min(errors["centrality", 0.9], errors["centrality", 0.5])
+
+
+def test_default_gamma_ranks_by_activation_where_the_flow_disagrees():
+    """Neurons 0-63 are active four times as much as 64-127 (equal down columns: removing one of them loses four
+    times the output), while 64-127 have twice the incoming weight. The paper's gamma 0.9 lets the
+    column-normalized flow decide and keeps 64-127; the default 0.5 keeps 0-63."""
+    model = tiny_model("llama")
+    layout = DecoderLayout(model)
+    signs = torch.randn(128, 64, generator=torch.Generator().manual_seed(0)).sign()
+    magnitude = torch.cat([torch.ones(64, 1), torch.full((64, 1), 2.0)])
+    with torch.no_grad():
+        for name in ("mlp.gate_proj", "mlp.up_proj"):
+            operator(layout, 1, name).read_weight().copy_(signs * magnitude)
+    context = _context(model, 1, torch.ones(64), torch.cat([torch.full((64,), 4.0), torch.ones(64)]))
+    kept = {gamma: top_units(LLMRankPruner(LLMRankConfig(gamma=gamma)).score_neurons(context), 64)
+            for gamma in (0.5, 0.9)}
+    assert LLMRankConfig().gamma == 0.5
+    assert torch.equal(kept[0.5], torch.arange(64))
+    assert torch.equal(kept[0.9], torch.arange(64, 128))
+
+
+def test_energy_score_is_centrality_times_output_norm():
+    model = tiny_model("llama")
+    layout = DecoderLayout(model)
+    down = operator(layout, 1, layout.spec.mlp_out).read_weight()
+    with torch.no_grad():
+        down[:, :64] *= 3.0  # neurons 0-63 write three times as loud; activations and inputs unchanged
+    context = _context(model, 1, torch.ones(64))
+    centrality = LLMRankPruner(LLMRankConfig()).score_neurons(context)
+    energy = LLMRankPruner(LLMRankConfig(score="energy")).score_neurons(context)
+    expected = centrality * down.norm(dim=0)
+    assert energy.sum() == pytest.approx(1.0)
+    assert torch.allclose(energy, expected / expected.sum(), atol=1e-7)
+
+
+def test_score_field_is_validated_and_round_trips():
+    assert (LLMRankConfig().score, LLMRankConfig().gamma, LLMRankConfig().theta) == ("centrality", 0.5, 0.5)
+    with pytest.raises(PruningConfigError, match="score"):
+        LLMRankConfig(score="pagerank")
+    config = PruningConfig.from_dict({"method": "llm-rank", "score": "energy", "gamma": 0.9})
+    assert isinstance(config, LLMRankConfig) and (config.score, config.gamma) == ("energy", 0.9)
+    assert PruningConfig.from_dict(config.to_dict()).score == "energy"

@@ -209,7 +209,8 @@ def test_record_check_sees_changed_shapes(token_ids):
 def test_structured_config_fields():
     config = LLMRankConfig(amount=0.2)
     assert config.sparsity == 0.2 and config.pattern == "unstructured" and config.scope == "chained"
-    assert (config.gamma, config.theta, config.heads, config.round_to) == (0.9, 0.5, False, 8)
+    assert (config.gamma, config.theta, config.heads, config.round_to) == (0.5, 0.5, False, 8)
+    assert config.score == "centrality"
     assert LLMRankConfig(sparsity=0.4).amount == 0.4
     assert PruningConfig.from_dict(json.loads(config.to_json_string())) == config
     assert PruningConfig.from_dict({"method": "l1-norm-structured", "amount": 0.1}).needs_calibration is False
@@ -224,6 +225,7 @@ def test_structured_config_fields():
         dict(amount=0.2, scope="global"),
         dict(amount=0.2, gamma=1.5),
         dict(amount=0.2, theta=-0.1),
+        dict(amount=0.2, score="loss"),
     ]
     for kwargs in bad:
         with pytest.raises(ValueError):

@@ -43,6 +43,7 @@ from ...errors import PruningConfigError
 from ...surgery.geometry import operator
 from ..base import LayerContext
 from ..structured.base import StructuredConfig, StructuredPruner, kept_count
+from ..structured.scores import column_squares
 from .estimators import (
     BANDWIDTH_RULES,
     Moments,
@@ -240,7 +241,7 @@ def compensate_removed(down: nn.Module, weight: torch.Tensor, moments: Moments, 
 def output_energy(moments: Moments, weight: torch.Tensor) -> torch.Tensor:
     """Each neuron's share of the MLP output energy: ``‖W_out[:, r]‖² · E[h_r²]`` (``weight`` is ``(out, in)``)."""
     second = moments.covariance.diagonal() + moments.mean.square()
-    return weight.float().square().sum(dim=0).to(second) * second
+    return column_squares(weight).to(second) * second
 
 
 def select_redundant(activations: torch.Tensor, config: MutualInfoConfig, count: int,

@@ -44,6 +44,19 @@ def group_activation_norms(context: LayerContext, geometry: AttentionGeometry) -
     return per_group.sqrt()
 
 
+def column_squares(weight: torch.Tensor) -> torch.Tensor:
+    """``‖W[:, j]‖²`` of each input column of an ``(out, in)`` weight: what one unit of input ``j`` writes."""
+    return weight.detach().float().square().sum(dim=0)
+
+
+def neuron_output_norms(context: LayerContext) -> torch.Tensor:
+    """``‖W_out[:, j]‖₂ · ‖h_j‖₂`` of each MLP neuron: the norm, over calibration tokens, of what it adds to the
+    residual stream, i.e. the square root of the output energy that removing it loses."""
+    down = operator(context.layout, context.index, context.layout.spec.mlp_out).read_weight()
+    activation = neuron_activation_norms(context)
+    return column_squares(down).to(activation.device).sqrt() * activation
+
+
 def neuron_l1(layout: DecoderLayout, index: int) -> torch.Tensor:
     """L1 norm of each neuron's incoming weights (gate and up rows together)."""
     return mlp_input_magnitude(layout, index).sum(dim=1)
