@@ -316,6 +316,8 @@ def median_results(results: list[dict]) -> list[dict]:
     for repeats in groups.values():
         result = dict(repeats[0], repeats=len(repeats))
         for key in ("seconds", "cpu_seconds", "peak_rss", "perplexity", "floor_seconds"):
+            if any(key not in r for r in repeats):  # results saved before the floor was measured
+                continue
             values = [r[key] for r in repeats]
             result[key] = statistics.median(values)
             if len(repeats) > 1:
