@@ -62,6 +62,11 @@ def parse_run(item: str) -> tuple[str, str, dict]:
     """``method:pattern[+key=value...]`` -> (method, pattern, options); values are JSON when they parse."""
     spec, *pairs = item.split("+")
     method, pattern = spec.split(":", 1)
+    return method, pattern, parse_options(pairs)
+
+
+def parse_options(pairs: list[str]) -> dict:
+    """``["key=value", ...]`` -> ``{key: value}``; values are JSON when they parse, strings otherwise."""
     options = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
@@ -69,7 +74,7 @@ def parse_run(item: str) -> tuple[str, str, dict]:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
-    return method, pattern, options
+    return options
 
 
 def label(result: dict) -> str:

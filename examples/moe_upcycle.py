@@ -132,18 +132,6 @@ def gate_quantiles(moe, ids: torch.Tensor, quantiles=(0.1, 0.5, 0.9)) -> dict[in
     return {index: [round(float(v), 3) for v in torch.quantile(gates, q)] for index, gates in values.items()}
 
 
-def parse_run(item: str) -> tuple[str, dict]:
-    method, *pairs = item.split("+")
-    options = {}
-    for pair in pairs:
-        key, _, raw = pair.partition("=")
-        try:
-            options[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key] = raw
-    return method, options
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=["mixtral", "qwen3_moe"],
@@ -161,7 +149,7 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(HERE))
-    from benchmark import PeakMemory, windowed_perplexity
+    from benchmark import PeakMemory, parse_options, windowed_perplexity
 
     from hf_prune import PruningConfig
     from hf_prune.data.calibration import BUNDLED_C4, tokenize_windows
@@ -195,7 +183,8 @@ def main() -> None:
         runs = (["dense"] if args.dense else []) + args.runs
         for run in runs:
             moe = build(family)
-            method, options = parse_run(run)
+            method, *pairs = run.split("+")
+            options = parse_options(pairs)
             with PeakMemory() as memory:
                 start = time.perf_counter()
                 record = None
