@@ -197,7 +197,9 @@ def worker(args: argparse.Namespace) -> None:
     linear = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     zeros = sum(int((w == 0).sum()) for w in linear) / sum(w.numel() for w in linear)
     head = model.get_output_embeddings().weight
-    if int((head == 0).sum()) > head.numel() // 100:  # a tool that prunes the LM head is not comparable
+    # a tool that prunes the LM head is not comparable; the dense head, dequantized from the GGUF
+    # file, already holds about 1% exact zeros, a pruned one 50%
+    if int((head == 0).sum()) > head.numel() // 10:
         raise RuntimeError(f"{args.tool} zeroed {float((head == 0).float().mean()):.1%} of the LM head")
     ppl = windowed_perplexity(model, data["eval"], args.eval_seq_len, args.eval_windows)
     # after the measured run, so that its allocations do not count in the run's peak memory; the
