@@ -22,37 +22,50 @@ importance to the neurons in shares of its column of ``|W|``, which is blind to 
 neuron actually outputs, and ranking by incoming weight alone (L1 norm) is what wrecks a real
 model. With the paper's ``γ = 0.9`` that flow decides the ranking; on SmolLM2-135M it loses to
 the activation norm (one of its own ingredients) at every amount measured (the README gives
-the numbers). The default is therefore ``γ = 0.5``, where the activation norm, which follows
-what removing a neuron loses, decides and the flow breaks near-ties. ``score="energy"`` also
-weights the centrality by each neuron's output norm ``‖W_out[:, j]‖·‖h_j‖`` (the square root
-of the output energy its removal loses), which keeps neurons that read weakly but write
-strongly. ``LLMRankConfig(gamma=0.9)`` is the paper's setting.
+the numbers). No single γ is best in every layer, so by default (``gamma="auto"``) each layer
+takes, among ``gamma_candidates``, the γ whose kept neurons lose the least MLP output on the
+calibration tokens: ``‖W_out[:, R] H_R‖²`` for the removed neurons ``R``, computed exactly
+from the Gram matrix of ``down_proj``'s input. ``γ = 0`` (plain activation norm) is among the
+candidates, so no layer does worse on that objective than the activation-norm baseline.
+``score="energy"`` also weights the centrality by each neuron's output norm
+``‖W_out[:, j]‖·‖h_j‖`` (the square root of the output energy its removal loses), which keeps
+neurons that read weakly but write strongly. ``LLMRankConfig(gamma=0.9)`` is the paper's setting.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from transformers.utils import logging
 
+from ..engine.statistics import StatKind
 from ..errors import PruningConfigError
 from ..surgery.geometry import attention_geometry, attention_input_names, mlp_input_magnitude, operator
+from ..walker.layout import Operator
 from .base import LayerContext
-from .structured.base import StructuredConfig, StructuredPruner
+from .structured.base import StructuredConfig, StructuredPruner, kept_count, kept_groups, top_units
 from .structured.scores import (
     attention_input_magnitude,
+    complement,
     group_activation_norms,
     neuron_activation_norms,
     neuron_output_norms,
     normalize,
     propagate,
+    removal_loss,
     statistics,
     sum_by_group,
 )
 
+logger = logging.get_logger(__name__)
+
 SCOPES = ("chained", "isolated")
 SCORES = ("centrality", "energy")
+#: The γ values ``gamma="auto"`` chooses from, per layer: plain activation norm (0) up to the paper's 0.9.
+GAMMA_CANDIDATES = (0.0, 0.25, 0.5, 0.75, 0.9)
 
 
 @dataclass
@@ -60,7 +73,8 @@ class LLMRankConfig(StructuredConfig):
     """LLM-Rank (``scope="chained"``) or MLP-Rank (``scope="isolated"``) structured pruning.
 
     The paper's exact settings: ``LLMRankConfig(gamma=0.9)`` (``theta=0.5``, ``scope="chained"``,
-    ``score="centrality"``); the default ``gamma=0.5`` is beyond the paper.
+    ``score="centrality"``); the default ``gamma="auto"`` (γ chosen per layer on the calibration
+    loss) is beyond the paper.
 
     Args:
         amount: share of MLP neurons removed in every layer (see ``StructuredConfig``; kept
@@ -68,11 +82,18 @@ class LLMRankConfig(StructuredConfig):
         scope: ``"chained"``: importance flows through all MLPs in order through the residual
             stream (LLM-Rank); ``"isolated"``: each MLP is ranked alone (MLP-Rank).
         gamma: γ, the share of a node's importance that flows in from the previous nodes;
-            ``1 - γ`` comes from its own activation norm. Default 0.5 (beyond the paper: with
-            more, the nearly flat flow decides the ranking and loses to plain activation norm
-            on real models; see the module docstring). 0.9 is the authors' MLP-Rank default,
-            the paper's setting; their LLM-Rank code defaults to 0, which is activation-norm
+            ``1 - γ`` comes from its own activation norm. A number in [0, 1] fixes it for every
+            layer; ``"auto"`` (default, beyond the paper) chooses it per layer among
+            ``gamma_candidates``: the γ whose kept units lose the least of the MLP's (or, for
+            KV groups, ``o_proj``'s) output on the calibration tokens. This needs the Gram
+            matrix of ``down_proj``'s input (intermediate size squared, in fp32) per layer.
+            0.9 is the authors' MLP-Rank default, the paper's setting; with it the nearly flat
+            flow decides the ranking and loses to plain activation norm on real models (see
+            the module docstring). Their LLM-Rank code defaults to 0, which is activation-norm
             pruning (``ActivationNormStructuredConfig``).
+        gamma_candidates: the γ values ``gamma="auto"`` tries in every layer (ties: the first);
+            default ``[0.0, 0.25, 0.5, 0.75, 0.9]``. With 0 among them no layer loses more
+            output than under activation-norm pruning of the same inputs.
         theta: θ, the share of the weighted adjacency ``|W|`` against the unweighted one
             (edge counts) in the transition matrix. Default 0.5, as in the authors' code.
         score: ``"centrality"`` (default): the paper's mixed centrality; ``"energy"``: the
@@ -87,7 +108,8 @@ class LLMRankConfig(StructuredConfig):
     paper: ClassVar[str] = "https://arxiv.org/abs/2410.13299"
 
     scope: str = "chained"
-    gamma: float = 0.5
+    gamma: float | str = "auto"
+    gamma_candidates: list[float] = field(default_factory=lambda: list(GAMMA_CANDIDATES))
     theta: float = 0.5
     score: str = "centrality"
 
@@ -103,21 +125,40 @@ class LLMRankConfig(StructuredConfig):
                 "score", f"score must be 'centrality' (the paper's score) or 'energy' (centrality weighted by the "
                 f"output each neuron adds, ‖W_out[:, j]‖·‖h_j‖), got {self.score!r}"
             )
-        for name in ("gamma", "theta"):
-            value = getattr(self, name)
+        if isinstance(self.gamma, str) and self.gamma != "auto":
+            raise PruningConfigError(
+                "gamma", f"gamma must be a number in [0, 1] or 'auto' (chosen per layer on the calibration loss), "
+                f"got {self.gamma!r}"
+            )
+        if not self.gamma_candidates:
+            raise PruningConfigError("gamma_candidates", "gamma_candidates must hold at least one γ in [0, 1]")
+        checked = [("theta", self.theta)] + [("gamma_candidates", value) for value in self.gamma_candidates]
+        if not self.auto_gamma:
+            checked.append(("gamma", self.gamma))
+        for name, value in checked:
             if not 0 <= value <= 1:
                 raise PruningConfigError(name, f"{name} must be in [0, 1], got {value!r}")
-            setattr(self, name, float(value))
+
+    @property
+    def auto_gamma(self) -> bool:
+        """Whether γ is chosen per layer on the calibration loss."""
+        return self.gamma == "auto"
 
 
 
 class LLMRankPruner(StructuredPruner):
-    """Keeps the importance of the residual channels from one layer to the next (chained scope)."""
+    """Keeps the importance of the residual channels from one layer to the next (chained scope).
+
+    With ``gamma="auto"``, :attr:`chosen_gammas` lists the γ each layer's neurons took.
+    """
 
     def __init__(self, config: LLMRankConfig) -> None:
         super().__init__(config)
         self.config: LLMRankConfig = config
         self.residual: torch.Tensor | None = None  # importance of hidden channels leaving the last MLP
+        self.chosen_gammas: list[float] = []
+        self._gram_names: set[str] = set()
+        self._gamma = 0.0 if config.auto_gamma else float(config.gamma)  # γ of this layer's neurons
         self._entering: torch.Tensor | None = None
         self._output_squares: torch.Tensor | None = None
         self._handle = None
@@ -126,8 +167,16 @@ class LLMRankPruner(StructuredPruner):
     def chained(self) -> bool:
         return self.config.scope == "chained"
 
+    def statistics_kind(self, op: Operator) -> StatKind:
+        kind = super().statistics_kind(op)
+        if kind is StatKind.NORMS and op.local_name in self._gram_names:
+            return StatKind.GRAM  # the output a choice of γ loses is measured through these
+        return kind
+
     def start_layer(self, context: LayerContext) -> None:
         super().start_layer(context)
+        spec = context.layout.spec
+        self._gram_names = {spec.mlp_out, spec.o} if self.config.auto_gamma else set()
         self._remove_hook()
         self._output_squares = None
         if self.chained:
@@ -150,9 +199,24 @@ class LLMRankPruner(StructuredPruner):
             return self.residual.to(context.device)
         return normalize(statistics(context, input_name).column_norms)
 
-    def _mix(self, flow: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
-        gamma = self.config.gamma
+    @staticmethod
+    def _mix(flow: torch.Tensor, activation: torch.Tensor, gamma: float) -> torch.Tensor:
         return normalize(gamma * normalize(flow) + (1.0 - gamma) * normalize(activation.to(flow.device)))
+
+    def _least_loss(self, context: LayerContext, scores_of: Callable[[float], torch.Tensor], keep: int,
+                    output_name: str, columns_of: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, torch.Tensor]:
+        """The candidate γ (and its scores) whose ``keep`` best units lose the least output of ``output_name``
+        on the calibration tokens; ``columns_of`` maps removed units to that operator's input columns."""
+        weight = operator(context.layout, context.index, output_name).read_weight()
+        gram = statistics(context, output_name).gram
+        best: tuple[float, float, torch.Tensor] | None = None
+        for gamma in self.config.gamma_candidates:
+            scores = scores_of(gamma)
+            removed = complement(top_units(scores, keep), scores.numel())
+            loss = removal_loss(weight, gram, columns_of(removed))
+            if best is None or loss < best[0]:
+                best = (loss, gamma, scores)
+        return best[1], best[2]
 
     def score_neurons(self, context: LayerContext) -> torch.Tensor:
         layout, index = context.layout, context.index
@@ -160,10 +224,20 @@ class LLMRankPruner(StructuredPruner):
         self._entering = entering
         magnitude = mlp_input_magnitude(layout, index).to(entering.device)
         flow = propagate(magnitude, entering, self.config.theta)
-        centrality = self._mix(flow, neuron_activation_norms(context))
-        if self.config.score == "energy":
-            return normalize(centrality * neuron_output_norms(context).to(centrality.device))
-        return centrality
+        activation = neuron_activation_norms(context)
+        output = neuron_output_norms(context).to(flow.device) if self.config.score == "energy" else None
+
+        def scores_of(gamma: float) -> torch.Tensor:
+            centrality = self._mix(flow, activation, gamma)
+            return centrality if output is None else normalize(centrality * output)
+
+        if not self.config.auto_gamma:
+            return scores_of(self._gamma)
+        keep = kept_count(flow.numel(), self.config.amount, self.config.neuron_multiple)
+        self._gamma, scores = self._least_loss(context, scores_of, keep, layout.spec.mlp_out, lambda units: units)
+        self.chosen_gammas.append(self._gamma)
+        logger.info("llm-rank: layer %d ranks its neurons with gamma %.2f", index, self._gamma)
+        return scores
 
     def score_groups(self, context: LayerContext) -> torch.Tensor:
         layout, index = context.layout, context.index
@@ -172,7 +246,20 @@ class LLMRankPruner(StructuredPruner):
         magnitude, groups = attention_input_magnitude(layout, index, geometry)
         row_flow = propagate(magnitude.to(entering.device), entering, self.config.theta)
         flow = sum_by_group(row_flow, groups.to(row_flow.device), geometry.kv_heads)
-        return self._mix(flow, group_activation_norms(context, geometry))
+        activation = group_activation_norms(context, geometry)
+        if not self.config.auto_gamma:
+            return self._mix(flow, activation, self._gamma)
+        keep = kept_groups(geometry.kv_heads, geometry.group, self.config.effective_head_amount,
+                           self.config.tensor_parallel_size)
+        width = geometry.group * geometry.head_dim  # o_proj input columns of one KV group
+
+        def columns_of(removed: torch.Tensor) -> torch.Tensor:
+            return (removed[:, None] * width + torch.arange(width)).flatten()
+
+        gamma, scores = self._least_loss(context, lambda g: self._mix(flow, activation, g), keep, layout.spec.o,
+                                         columns_of)
+        logger.info("llm-rank: layer %d ranks its KV groups with gamma %.2f", index, gamma)
+        return scores
 
     def layer_done(self, context: LayerContext, neurons: torch.Tensor, scores: torch.Tensor | None) -> None:
         self._remove_hook()
@@ -188,7 +275,7 @@ class LLMRankPruner(StructuredPruner):
             flow = torch.zeros(down.out_features, device=magnitude.device)
         output = (self._output_squares.sqrt() if self._output_squares is not None
                   else torch.zeros_like(flow)).to(flow.device)
-        residual = self._mix(flow, output)
+        residual = self._mix(flow, output, self._gamma)
         if residual.sum() <= 0:  # an MLP with nothing left passes the importance on unchanged
             residual = self._entering if self._entering is not None else self.residual
         self.residual = residual

@@ -14,7 +14,7 @@ from hf_prune.errors import PruningConfigError
 from hf_prune.methods.base import LayerContext
 from hf_prune.methods.llm_rank import LLMRankPruner
 from hf_prune.methods.structured.base import kept_count, top_units
-from hf_prune.methods.structured.scores import propagate
+from hf_prune.methods.structured.scores import complement, propagate, removal_loss
 from hf_prune.report import count_parameters
 from hf_prune.surgery import attention_geometry, layer_sizes
 from hf_prune.surgery.geometry import attention_rows, mlp_input_magnitude, mlp_rows, operator
@@ -211,7 +211,6 @@ def test_default_gamma_ranks_by_activation_where_the_flow_disagrees():
     context = _context(model, 1, torch.ones(64), torch.cat([torch.full((64,), 4.0), torch.ones(64)]))
     kept = {gamma: top_units(LLMRankPruner(LLMRankConfig(gamma=gamma)).score_neurons(context), 64)
             for gamma in (0.5, 0.9)}
-    assert LLMRankConfig().gamma == 0.5
     assert torch.equal(kept[0.5], torch.arange(64))
     assert torch.equal(kept[0.9], torch.arange(64, 128))
 
@@ -223,17 +222,100 @@ def test_energy_score_is_centrality_times_output_norm():
     with torch.no_grad():
         down[:, :64] *= 3.0  # neurons 0-63 write three times as loud; activations and inputs unchanged
     context = _context(model, 1, torch.ones(64))
-    centrality = LLMRankPruner(LLMRankConfig()).score_neurons(context)
-    energy = LLMRankPruner(LLMRankConfig(score="energy")).score_neurons(context)
+    centrality = LLMRankPruner(LLMRankConfig(gamma=0.5)).score_neurons(context)
+    energy = LLMRankPruner(LLMRankConfig(gamma=0.5, score="energy")).score_neurons(context)
     expected = centrality * down.norm(dim=0)
     assert energy.sum() == pytest.approx(1.0)
     assert torch.allclose(energy, expected / expected.sum(), atol=1e-7)
 
 
-def test_score_field_is_validated_and_round_trips():
-    assert (LLMRankConfig().score, LLMRankConfig().gamma, LLMRankConfig().theta) == ("centrality", 0.5, 0.5)
+def test_score_and_gamma_fields_are_validated_and_round_trip():
+    default = LLMRankConfig()
+    assert (default.score, default.gamma, default.theta) == ("centrality", "auto", 0.5)
+    assert default.gamma_candidates == [0.0, 0.25, 0.5, 0.75, 0.9]
     with pytest.raises(PruningConfigError, match="score"):
         LLMRankConfig(score="pagerank")
+    with pytest.raises(PruningConfigError, match="'auto'"):
+        LLMRankConfig(gamma="best")
+    with pytest.raises(PruningConfigError, match="gamma_candidates"):
+        LLMRankConfig(gamma_candidates=[0.5, 1.5])
+    with pytest.raises(PruningConfigError, match="gamma_candidates"):
+        LLMRankConfig(gamma_candidates=[])
+    with pytest.raises(PruningConfigError, match="gamma"):
+        LLMRankConfig(gamma=-0.1)
     config = PruningConfig.from_dict({"method": "llm-rank", "score": "energy", "gamma": 0.9})
     assert isinstance(config, LLMRankConfig) and (config.score, config.gamma) == ("energy", 0.9)
     assert PruningConfig.from_dict(config.to_dict()).score == "energy"
+    auto = PruningConfig.from_dict(LLMRankConfig(gamma_candidates=[0, 1]).to_dict())
+    assert (auto.gamma, auto.gamma_candidates) == ("auto", [0.0, 1.0])
+
+
+def test_removal_loss_is_the_output_lost():
+    generator = torch.Generator().manual_seed(0)
+    weight, inputs = torch.randn(6, 10, generator=generator), torch.randn(50, 10, generator=generator)
+    removed = torch.tensor([1, 4, 7])
+    kept_only = inputs.clone()
+    kept_only[:, removed] = 0.0
+    expected = (inputs @ weight.T - kept_only @ weight.T).square().sum()
+    assert removal_loss(weight, inputs.T @ inputs, removed) == pytest.approx(float(expected), rel=1e-5)
+    assert removal_loss(weight, inputs.T @ inputs, torch.tensor([], dtype=torch.long)) == 0.0
+    assert torch.equal(complement(torch.tensor([0, 3]), 5), torch.tensor([1, 2, 4]))
+
+
+def _gram_context(model, index: int, neuron_activations: torch.Tensor) -> LayerContext:
+    """A layer context with uniform input norms and a Gram matrix of ``down_proj``'s input."""
+    context = _context(model, index, torch.ones(64))
+    gram = InputStatistics(neuron_activations.shape[1], StatKind.GRAM, torch.device("cpu"))
+    gram.update(neuron_activations)
+    context.stats[f"{context.layout.layer_prefix(index)}.mlp.down_proj"] = gram
+    return context
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auto_gamma_loses_the_least_output_among_its_candidates(seed):
+    """Flow and activation disagree on random weights with neurons of uneven loudness: whatever γ the layer takes,
+    its kept neurons lose no more output than those of any fixed candidate γ, activation norm (γ = 0) included."""
+    model = tiny_model("llama")
+    layout = DecoderLayout(model)
+    generator = torch.Generator().manual_seed(seed)
+    activations = torch.randn(200, 128, generator=generator) * torch.rand(128, generator=generator).square()
+    activations[:, :16] += torch.randn(200, 1, generator=generator)  # correlated neurons: the Gram is not diagonal
+    with torch.no_grad():
+        operator(layout, 1, "mlp.down_proj").read_weight().mul_(torch.rand(1, 128, generator=generator) * 3)
+    weight = operator(layout, 1, "mlp.down_proj").read_weight()
+    gram = activations.T @ activations
+    context = _gram_context(model, 1, activations)
+    keep = kept_count(128, 0.5, 8)
+
+    def loss(pruner):
+        return removal_loss(weight, gram, complement(top_units(pruner.score_neurons(context), keep), 128))
+
+    fixed = {gamma: loss(LLMRankPruner(LLMRankConfig(amount=0.5, gamma=gamma)))
+             for gamma in (0.0, 0.25, 0.5, 0.75, 0.9)}
+    auto = LLMRankPruner(LLMRankConfig(amount=0.5))
+    chosen = loss(auto)
+    assert auto.chosen_gammas[0] in fixed and len(set(fixed.values())) > 2  # the choice matters
+    assert chosen == pytest.approx(min(fixed.values()))
+    assert chosen == pytest.approx(fixed[auto.chosen_gammas[0]])
+    one = LLMRankPruner(LLMRankConfig(amount=0.5, gamma_candidates=[0.9]))
+    assert loss(one) == pytest.approx(fixed[0.9]) and one.chosen_gammas == [0.9]
+
+
+def test_auto_gamma_prunes_neurons_and_heads_end_to_end(token_ids, monkeypatch):
+    chosen: list[list[float]] = []
+    original = LLMRankPruner.finish_model
+
+    def record(self, context):
+        chosen.append(list(self.chosen_gammas))
+        return original(self, context)
+
+    monkeypatch.setattr(LLMRankPruner, "finish_model", record)
+    model = tiny_model("llama")
+    model.prune(LLMRankConfig(amount=0.25, heads=True, head_amount=0.5, device="cpu"), calibration_data=token_ids)
+    layout = DecoderLayout(model)
+    assert len(chosen[0]) == len(layout) and set(chosen[0]) <= set(LLMRankConfig().gamma_candidates)
+    for index in range(len(layout)):
+        assert layer_sizes(layout, index).kv_heads == 1
+        assert layer_sizes(layout, index).mlp_neurons == kept_count(128, 0.25, 8)
+    with torch.no_grad():
+        assert torch.isfinite(model(token_ids).logits).all()

@@ -57,6 +57,23 @@ def neuron_output_norms(context: LayerContext) -> torch.Tensor:
     return column_squares(down).to(activation.device).sqrt() * activation
 
 
+def complement(kept: torch.Tensor, width: int) -> torch.Tensor:
+    """The indices in ``range(width)`` that are not in ``kept``, in increasing order."""
+    mask = torch.ones(width, dtype=torch.bool)
+    mask[kept.cpu()] = False
+    return mask.nonzero().flatten()
+
+
+def removal_loss(weight: torch.Tensor, gram: torch.Tensor, removed: torch.Tensor) -> float:
+    """``‖W[:, R] X_R‖²`` summed over calibration tokens: the output an ``(out, in)`` operator loses when its
+    input columns ``R`` are removed, from the Gram matrix ``X Xᵀ`` of its input (``trace(W_R G_RR W_Rᵀ)``)."""
+    if removed.numel() == 0:
+        return 0.0
+    removed = removed.to(gram.device)
+    columns = weight.detach().to(device=gram.device, dtype=torch.float32)[:, removed]
+    return float(((columns @ gram[removed][:, removed]) * columns).sum())
+
+
 def neuron_l1(layout: DecoderLayout, index: int) -> torch.Tensor:
     """L1 norm of each neuron's incoming weights (gate and up rows together)."""
     return mlp_input_magnitude(layout, index).sum(dim=1)
