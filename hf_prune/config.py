@@ -219,9 +219,17 @@ class PruningConfig:
         device: ``"auto"`` (the GPU when there is one), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         owl: OWL non-uniform layer sparsity; ``None`` (off), ``True`` or an ``OWLSettings``.
         batch_size: calibration sequences sent through a layer at once. ``None`` sends all of
-            them in one pass, which prunes each operator as soon as its inputs are known (one
-            forward pass per layer, inputs already reflect the pruned operators before it).
-            A smaller value lowers activation memory and uses two passes per layer.
+            them in one pass. A smaller value lowers activation memory; each layer then takes
+            two passes (statistics, then outputs), and ``true_sequential`` must be False.
+        true_sequential: where a layer's later operators take their statistics. True: from
+            the outputs of the layer's already pruned earlier operators (o_proj sees the pruned
+            q/k/v, the MLP the pruned attention); each operator is pruned inside the layer's
+            one forward pass as soon as its statistics are complete. False: every operator
+            of a layer from the layer's dense pass, all pruned together afterwards, as in the
+            Wanda and SparseGPT reference code and llm-compressor; a second pass computes the
+            pruned layer's outputs. ``None`` (default): the method's choice (its config's
+            ``default_true_sequential()``), or False when ``batch_size`` splits the samples.
+            Either way the next layer is calibrated on the pruned layer's outputs.
         expert_token_floor: mixture-of-experts models: an expert routed fewer calibration tokens
             than this is pruned by magnitude (no data) instead of by the method's statistics;
             the pruning record lists every expert's token count and those that fell back.
@@ -243,8 +251,19 @@ class PruningConfig:
     device: str = "auto"
     owl: OWLSettings | None = None
     batch_size: int | None = None
+    true_sequential: bool | None = None
     expert_token_floor: int = 32
     expert_gate_weighting: bool = False
+
+    def default_true_sequential(self) -> bool:
+        """The method's ``true_sequential`` when the field is ``None``: True (one pass per layer) unless a
+        method measured better otherwise."""
+        return True
+
+    @property
+    def resolved_true_sequential(self) -> bool:
+        """``true_sequential``, or the method's default when it is ``None``."""
+        return self.default_true_sequential() if self.true_sequential is None else self.true_sequential
 
     def _normalize_fields(self) -> None:
         """Turn the accepted shorthands into the annotated types (before the type check)."""
@@ -332,6 +351,13 @@ class PruningConfig:
         if self.batch_size is not None and self.batch_size < 1:
             raise PruningConfigError("batch_size", f"batch_size must be a positive integer or None, got "
                                      f"{self.batch_size!r}")
+        if self.true_sequential is True and self.batch_size is not None and self.batch_size < self.num_samples:
+            raise PruningConfigError(
+                "true_sequential", f"true_sequential=True prunes each operator inside one pass over all "
+                f"{self.num_samples} calibration samples, but batch_size={self.batch_size} splits them: pass "
+                "true_sequential=False (every operator of a layer calibrated on its dense pass) or leave batch_size "
+                "unset"
+            )
         if not self.calibration:
             raise PruningConfigError("calibration", "calibration must be a dataset name or a file path")
         if self.expert_token_floor < 0:

@@ -3,13 +3,14 @@
 For each layer: put it on the device, run the calibration hidden states through it with
 hooks on the targeted operators, prune, and keep its outputs as the next layer's inputs.
 
-With all samples in one batch (the default), each operator is pruned in its forward
-pre-hook as soon as its input statistics are complete, so the layer's pruned outputs
-come out of that same pass: one forward per layer, and later operators of a layer are
-calibrated on the inputs of the already-pruned earlier ones. With ``batch_size`` smaller
-than the sample count, statistics are summed over the batches first and outputs are
-recomputed in a second pass. Methods whose layers take the dense model's inputs
-(``LayerPruner.layers_take_dense_inputs``) go to ``parallel`` instead.
+With ``true_sequential`` and all samples in one batch, each operator is pruned in its
+forward pre-hook as soon as its input statistics are complete, so the layer's pruned
+outputs come out of that same pass: one forward per layer, and later operators of a layer
+are calibrated on the inputs of the already-pruned earlier ones. Otherwise (or with
+``batch_size`` smaller than the sample count) statistics of the whole dense layer are summed
+over the batches first, everything is pruned, and outputs are recomputed in a second pass.
+Methods whose layers take the dense model's inputs (``LayerPruner.layers_take_dense_inputs``)
+go to ``parallel`` instead.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
+from transformers.utils import logging
 
 from ..config import PruningConfig
 from ..data.calibration import CalibrationSet
@@ -32,6 +34,8 @@ from .host_memory import return_freed_memory_to_os
 from .layer_pass import layer_call, prune_layer, visit_layers
 from .offload import OffloadStats, is_offloaded
 from .parallel import prune_layers_parallel
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -137,7 +141,11 @@ def _prune_sequentially(layout: DecoderLayout, targets: list[list[Operator]], pr
     samples = hidden.shape[0]
     batch_size = min(config.batch_size or samples, samples)
     hidden, batch_size = place_activations(hidden, device, batch_size)
-    one_pass = pruner.prunes_operators and batch_size >= samples
+    one_pass = pruner.prunes_operators and config.resolved_true_sequential and batch_size >= samples
+    if pruner.prunes_operators and config.true_sequential and batch_size < samples:
+        logger.warning("true_sequential=True needs all %d calibration samples in one pass, but only %d fit on %s: "
+                       "every operator of a layer is calibrated on the layer's dense pass instead", samples,
+                       batch_size, device)
     current = [hidden]
     del hidden
 

@@ -10,15 +10,25 @@ import torch
 from ..config import PruningConfig
 from ..engine.statistics import InputStatistics, StatKind
 from .base import LayerPruner
-from .patterns import mask_from_scores
+from .patterns import mask_from_scores, parse_pattern
 
 
 @dataclass
 class WandaConfig(PruningConfig):
-    """Wanda: keep the largest ``|W_ij| * ||X_j||`` of each row. No weight update."""
+    """Wanda: keep the largest ``|W_ij| * ||X_j||`` of each row. No weight update.
+
+    ``true_sequential`` (see ``PruningConfig``) defaults to True for unstructured sparsity
+    and to False for N:M patterns, as measured on SmolLM2-135M (64 x 512 C4 tokens, wiki
+    perplexity): at 50% the pruned in-layer inputs are slightly better (49.71 against 49.99 from
+    the dense layer), at 2:4 the dense layer is clearly better (156.00 against 163.93), and
+    equals llm-compressor's Wanda on the same tokens.
+    """
 
     method: ClassVar[str] = "wanda"
     paper: ClassVar[str] = "https://arxiv.org/abs/2306.11695"
+
+    def default_true_sequential(self) -> bool:
+        return not parse_pattern(self.pattern).is_nm
 
 
 
