@@ -74,7 +74,7 @@ def test_help_params_lists_a_methods_parameters_with_meaning_and_default(capsys,
                         lambda *a, **k: pytest.fail("--help-params loaded a model"))
     assert main(["prune", "--method", "llm-rank", "--help-params"]) == 0
     text = capsys.readouterr().out
-    assert re.search(r"^\s+gamma = 0\.5$", text, re.M)
+    assert re.search(r"^\s+gamma = \"auto\"$", text, re.M)
     assert re.search(r"^\s+score = \"centrality\"$", text, re.M)
     assert re.search(r"^\s+scope = \"chained\"$", text, re.M)
     assert "flows in from the previous nodes" in text  # from LLMRankConfig's docstring

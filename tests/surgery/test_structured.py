@@ -209,7 +209,7 @@ def test_record_check_sees_changed_shapes(token_ids):
 def test_structured_config_fields():
     config = LLMRankConfig(amount=0.2)
     assert config.sparsity == 0.2 and config.pattern == "unstructured" and config.scope == "chained"
-    assert (config.gamma, config.theta, config.heads, config.round_to) == (0.5, 0.5, False, 8)
+    assert (config.gamma, config.theta, config.heads, config.round_to) == ("auto", 0.5, False, 8)
     assert config.score == "centrality"
     assert LLMRankConfig(sparsity=0.4).amount == 0.4
     assert PruningConfig.from_dict(json.loads(config.to_json_string())) == config
