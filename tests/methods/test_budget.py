@@ -104,6 +104,9 @@ def test_result_saves_and_reloads_with_the_same_logits(family, mixes, windows, t
     record = saved["pruning_config"]
     assert record["method"] == "budget" and validate_record(record)
     assert PruningConfig.from_dict(record).to_dict() == config.to_dict()
+    card = (tmp_path / "out" / "README.md").read_text()
+    chosen = record["budget_search"]["chosen"]
+    assert "## Parameter budget search" in card and f"| {chosen} | " in card and "| chosen |" in card
     ours = AutoPrunedModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert torch.allclose(_logits(ours), expected, atol=1e-5)
     assert ours.pruning_config.target_params == 0.6
