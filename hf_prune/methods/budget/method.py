@@ -6,8 +6,8 @@ compared, here by the KL divergence of their next-token distributions from the d
 held-out calibration windows; the best is kept.
 
 A candidate is a *mix*: the shares of the parameters to remove spent on decoder layers
-(``DepthConfig``), attention KV groups and residual channels (``HiddenSizeConfig``), each rounded
-down to whole units; the MLP neurons (``neuron_method``, a structured method) take the rest, their
+(``DepthConfig``), attention KV groups and residual channels (``HiddenSizeConfig``), each in
+whole units; the MLP neurons (``neuron_method``, a structured method) take the rest, their
 count solved on exact counts of a weightless copy (``plan``) so that the kept non-embedding
 parameters land on the target within one rounding unit: the parameters of ``round_to`` neurons in
 every kept layer. Every candidate is pruned on a copy of the model (one copy at a time beside the
@@ -66,7 +66,8 @@ class BudgetConfig(PruningConfig):
             Default 0.25 when neither is given; ``sparsity`` mirrors it (for a count, 0; for a share, 1 - share).
         mixes: the candidates tried, each ``[depth, heads, hidden]``: the shares (in [0, 1], summing to at most 1)
             of the parameters to remove spent on decoder layers, attention KV groups and residual channels, each
-            rounded down to whole units; the MLP neurons remove the rest. Default: neurons only, half and all
+            in the whole units nearest its share (all rounded down when that would remove more than the budget);
+            the MLP neurons remove the rest. Default: neurons only, half and all
             of it on depth, half on heads, half on hidden size, a quarter on each.
         neuron_method: the structured method that removes MLP neurons and KV groups (any registered
             ``StructuredConfig``: ``"activation-norm-structured"`` (default), ``"llm-rank"``,
