@@ -29,6 +29,7 @@ from .errors import (
 )
 from .inference.sparse_kernels import SparseKernelReport, sparse_kernel_plan, to_sparse_kernels
 from .methods.barber.method import BarberConfig
+from .methods.budget.method import BudgetConfig
 from .methods.depth import DepthConfig
 from .methods.experts import ExpertPruningConfig
 from .methods.fista.method import FISTAConfig
@@ -60,6 +61,7 @@ __all__ = [
     "BarberConfig",
     "CalibrationError",
     "CompressedCheckpointError",
+    "BudgetConfig",
     "DepthConfig",
     "DistillationConfig",
     "DistillationResult",

@@ -88,10 +88,38 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
     return params
 
 
+_COUNT_SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9}
+
+
+def parse_target_params(text: str) -> int | float:
+    """``--target-params``: an integer count (``50000000``, ``50M``, ``1.5B``) or a share in (0, 1) (``0.7``).
+
+    A count may carry a K/M/B suffix (thousands, millions, billions); a number with a point and no suffix is a
+    share, checked by ``BudgetConfig`` (which refuses ``1.0`` and ``5e7`` as ambiguous)."""
+    raw = text.strip()
+    suffix = raw[-1:].lower()
+    try:
+        if suffix in _COUNT_SUFFIXES:
+            count = float(raw[:-1]) * _COUNT_SUFFIXES[suffix]
+            if not count.is_integer():
+                raise ValueError
+            return int(count)
+        if raw.lstrip("+").isdigit():
+            return int(raw)
+        return float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a parameter count (50000000, 50M, 1.5B) or a share in (0, 1) "
+                                         f"(0.7), got {text!r}") from None
+
+
 def build_config(args: argparse.Namespace) -> PruningConfig:
     """The PruningConfig the ``prune`` arguments describe."""
+    target = getattr(args, "target_params", None)
+    if target is not None and args.method not in (None, "budget"):
+        raise SystemExit(f"--target-params is the parameter budget of --method budget (the default with it), not of "
+                         f"--method {args.method}")
     data: dict[str, Any] = {
-        "method": args.method or "wanda",
+        "method": args.method or ("budget" if target is not None else "wanda"),
         "pattern": args.pattern,
         "calibration": args.calibration,
         "num_samples": args.num_samples,
@@ -109,6 +137,8 @@ def build_config(args: argparse.Namespace) -> PruningConfig:
         data["owl"] = True
     if args.batch_size:
         data["batch_size"] = args.batch_size
+    if target is not None:
+        data["target_params"] = target
     data.update(_parse_params(args.param or []))
     return PruningConfig.from_dict(data)
 
@@ -218,7 +248,7 @@ def _report_smaller(results: dict, entry: dict, key: str, kept_of: list[int], la
 
 def cmd_prune(args: argparse.Namespace) -> int:
     method_given = args.method is not None
-    args.method = args.method or "wanda"
+    args.method = args.method or ("budget" if args.target_params is not None else "wanda")
     if args.help_params:
         return _print_parameters(args.method if method_given else None)
     from .data.calibration import build_calibration
@@ -259,6 +289,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     elif config.method == "hidden-size":
         what = (f"{config.method} (structured, hidden size {config.hidden_size})" if config.hidden_size is not None
                 else f"{config.method} (structured, amount {config.sparsity:g} of the hidden channels)")
+    elif config.method == "budget":
+        target = config.target_params if config.target_params is not None else 1 - config.amount
+        kept = f"{target:g} of the" if isinstance(target, float) else f"{target:,}"
+        what = f"{config.method} (structured, {kept} non-embedding parameters kept)"
     elif hasattr(config, "num_experts_to_keep"):
         what = f"{config.method} (structured, amount {config.sparsity:g} of the routed experts)"
     print(f"pruned with {what} in {results['prune_seconds']:.1f}s: {report.summary()}")
@@ -275,6 +309,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if channels:  # residual channels were removed
         _report_smaller(results, channels, "hidden_size", [channels["hidden_after"], channels["hidden_before"]],
                         "hidden size", channels["config_field"])
+    search = record.get("budget_search")
+    if search:  # the parameter budget's search: what it tried and chose
+        chosen = search["candidates"][search["chosen"]]
+        results["budget_search"] = search
+        print(f"budget: {search['kept_params']:,} of {search['dense_params']:,} non-embedding parameters kept "
+              f"(target {search['target_params']:,}, rounding unit {search['rounding_unit']:,}); chose mix "
+              f"{chosen['mix']} of {len(search['candidates'])}: {chosen['layers_removed']} layers and "
+              f"{chosen['kv_groups_removed']} KV groups removed, hidden size {chosen['hidden_size']}, "
+              f"{chosen['mlp_neurons']} MLP neurons per layer, KL {chosen['kl']:.6f}")
     if args.eval_text:
         results["perplexity_after"] = _perplexity(model, tokenizer, args)
         print(f"perplexity after:  {results['perplexity_after']:.3f}")
@@ -485,6 +528,10 @@ def make_parser() -> argparse.ArgumentParser:
     prune.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward pass")
     prune.add_argument("--targets", nargs="*", help="module-name globs to prune (default: all decoder Linears)")
     prune.add_argument("--owl", action="store_true", help="OWL non-uniform layer sparsity")
+    prune.add_argument("--target-params", type=parse_target_params, default=None, metavar="N_OR_SHARE",
+                       help="parameter budget (method budget): non-embedding parameters to keep, a count (50000000, "
+                            "50M) or a share in (0, 1) (0.7); the mix of depth, heads, hidden size and MLP neurons "
+                            "with the lowest KL to the dense model is chosen by a small search")
     prune.add_argument("--param", action="append", metavar="KEY=VALUE",
                        help="a method parameter, repeatable; --help-params lists each method's keys")
     prune.add_argument("--help-params", action="store_true",

@@ -25,7 +25,7 @@ from .methods.registry import registered_methods as registered_methods
 RECORD_KEYS = frozenset(
     {"method", "hf_prune_version", "calibration_used", "measured_sparsity", "layer_sparsity",
      "structure", "previous", "source", "evaluation", "compressed", "experts",
-     "removed_experts", "distillation", "removed_channels"}
+     "removed_experts", "distillation", "removed_channels", "budget_search"}
 )
 #: Deepest nesting of lists and dicts accepted in a config or record read from a file. A real
 #: record nests 5 levels (previous -> run -> measured_sparsity -> modules -> value).

@@ -470,6 +470,7 @@ def card_context(checkpoint: Checkpoint, info: CardInfo, plot: str | None) -> tu
         "sizes": _sizes(checkpoint, source),
         "evaluation": _evaluation(latest.get("evaluation")),
         "recovery": _recovery(latest.get("distillation")),
+        "budget": _budget_context(latest.get("budget_search")),
         "load_plain": load_plain,
         "load_hf_prune": load_hf_prune,
         "install": install_hint(),
@@ -480,6 +481,25 @@ def card_context(checkpoint: Checkpoint, info: CardInfo, plot: str | None) -> tu
         "version": latest.get("hf_prune_version"),
     }
     return card_data, context
+
+
+def _budget_context(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The parameter-budget search of the last run (``methods.budget``): the target and every candidate tried."""
+    if not entry:
+        return None
+    rows = []
+    for index, candidate in enumerate(entry["candidates"]):
+        note = ("chosen" if index == entry["chosen"] else f"same as #{candidate['same_as']}"
+                if candidate.get("same_as") is not None else candidate.get("skipped") or "")
+        kl = candidate.get("kl")
+        rows.append({"index": index, "mix": ", ".join(f"{float(s):g}" for s in candidate["mix"]),
+                     "layers": candidate.get("layers_removed"), "kv": candidate.get("kv_groups_removed"),
+                     "hidden": candidate.get("hidden_size"), "neurons": candidate.get("mlp_neurons"),
+                     "parameters": "" if candidate.get("parameters") is None else f"{candidate['parameters']:,}",
+                     "kl": "" if kl is None else f"{kl:.6f}", "note": note})
+    return {"target": f"{entry['target_params']:,}", "dense": f"{entry['dense_params']:,}",
+            "kept": f"{entry['kept_params']:,}", "unit": f"{entry['rounding_unit']:,}",
+            "windows": entry["scored_windows"], "rows": rows}
 
 
 def _expert_context(facts: dict[str, Any] | None) -> dict[str, Any] | None:

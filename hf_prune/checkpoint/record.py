@@ -160,6 +160,56 @@ def _check_removed_channels(entry: Any, path: str) -> None:
         raise _refuse(f"{path}.scores", f"must list one finite score per channel, got {short_repr(scores)}")
 
 
+#: most candidates a ``budget_search`` entry may list (the config allows 64 mixes)
+MAX_CANDIDATES = 256
+#: the counts of a budget candidate: a natural number, or null when it was skipped before being shaped
+_CANDIDATE_COUNTS = ("layers_removed", "kv_groups_removed", "hidden_size", "mlp_neurons", "parameters")
+
+
+def _finite(value: Any, low: float = 0.0, high: float = math.inf) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and low <= value <= high)
+
+
+def _check_budget_search(entry: Any, path: str) -> None:
+    """What a parameter-budget search tried and chose (``methods.budget``): target, dense and kept non-embedding
+    parameter counts, the rounding unit, and per candidate its mix, sizes, kept parameters and KL."""
+    if not isinstance(entry, dict):
+        raise _refuse(path, f"must be a JSON object, got {short_repr(entry)}")
+    for key in ("target_params", "dense_params", "kept_params", "rounding_unit", "scored_windows"):
+        if not _natural(entry.get(key)):
+            raise _refuse(f"{path}.{key}", f"must be a non-negative integer, got {short_repr(entry.get(key))}")
+    candidates = entry.get("candidates")
+    if not isinstance(candidates, list) or not 0 < len(candidates) <= MAX_CANDIDATES:
+        raise _refuse(f"{path}.candidates", f"must list 1 to {MAX_CANDIDATES} candidates, got "
+                      f"{short_repr(candidates)}")
+    chosen = entry.get("chosen")
+    if not _natural(chosen) or chosen >= len(candidates):
+        raise _refuse(f"{path}.chosen", f"must be the index of a candidate, got {short_repr(chosen)}")
+    for i, candidate in enumerate(candidates):
+        where = f"{path}.candidates[{i}]"
+        if not isinstance(candidate, dict):
+            raise _refuse(where, f"must be a JSON object, got {short_repr(candidate)}")
+        mix = candidate.get("mix")
+        if not isinstance(mix, list) or len(mix) != 3 or not all(_finite(v, 0.0, 1.0) for v in mix):
+            raise _refuse(f"{where}.mix", f"must be three shares in [0, 1], got {short_repr(mix)}")
+        for key in _CANDIDATE_COUNTS:
+            if candidate.get(key) is not None and not _natural(candidate[key]):
+                raise _refuse(f"{where}.{key}", f"must be a non-negative integer or null, got "
+                              f"{short_repr(candidate[key])}")
+        for key, high in (("neuron_amount", 1.0), ("kl", math.inf)):
+            if candidate.get(key) is not None and not _finite(candidate[key], 0.0, high):
+                raise _refuse(f"{where}.{key}", f"must be a finite non-negative number or null, got "
+                              f"{short_repr(candidate[key])}")
+        if candidate.get("skipped") is not None and not isinstance(candidate["skipped"], str):
+            raise _refuse(f"{where}.skipped", f"must be a string or null, got {short_repr(candidate['skipped'])}")
+        same = candidate.get("same_as")
+        if same is not None and (not _natural(same) or same >= i):
+            raise _refuse(f"{where}.same_as", f"must name an earlier candidate or be null, got {short_repr(same)}")
+    if candidates[chosen].get("kl") is None:
+        raise _refuse(f"{path}.chosen", "names a candidate that was not scored")
+
+
 def _check_run(record: dict[str, Any], path: str, require_measurement: bool) -> None:
     """One pruning run: its configuration, measurements and flat descriptions."""
     try:
@@ -195,6 +245,8 @@ def _check_run(record: dict[str, Any], path: str, require_measurement: bool) -> 
         check_distillation_entry(record["distillation"], f"{path}.distillation")
     if record.get("removed_channels") is not None:
         _check_removed_channels(record["removed_channels"], f"{path}.removed_channels")
+    if record.get("budget_search") is not None:
+        _check_budget_search(record["budget_search"], f"{path}.budget_search")
     version = record.get("hf_prune_version")
     if version is not None and not isinstance(version, str):
         raise _refuse(f"{path}.hf_prune_version", f"must be a string, got {short_repr(version)}")

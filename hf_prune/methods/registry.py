@@ -43,6 +43,7 @@ METHODS: dict[str, MethodEntry] = {
     "depth": MethodEntry("depth", "DepthConfig", "DepthPruner"),
     "expert-pruning": MethodEntry("experts", "ExpertPruningConfig", "ExpertPruner"),
     "hidden-size": MethodEntry("hidden_size", "HiddenSizeConfig", "HiddenSizePruner"),
+    "budget": MethodEntry("budget.method", "BudgetConfig", "BudgetPruner"),
 }
 
 
