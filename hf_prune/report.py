@@ -42,7 +42,7 @@ class StructureSummary:
 
     def totals(self, key: str) -> tuple[int, int]:
         """``(kept, dense)`` summed over layers for ``key`` (e.g. ``"mlp_neurons"``)."""
-        return sum(self.kept.get(key) or []), sum(self.dense.get(key) or [])
+        return (sum(v or 0 for v in self.kept.get(key) or []), sum(v or 0 for v in self.dense.get(key) or []))
 
     @property
     def layers(self) -> tuple[int, int]:
@@ -55,7 +55,12 @@ class StructureSummary:
         """One line: what was removed and the parameter count before -> after."""
         parts = []
         kept, total = self.totals("mlp_neurons")
-        parts.append(f"removed {_share(total - kept, total)} of MLP neurons ({total - kept} of {total})")
+        if total or "expert_neurons" not in self.dense:
+            parts.append(f"removed {_share(total - kept, total)} of MLP neurons ({total - kept} of {total})")
+        kept, total = self.totals("expert_neurons")  # mixtures of experts: neurons per routed expert, summed
+        if total:
+            parts.append(f"removed {_share(total - kept, total)} of each routed expert's neurons "
+                         f"({kept} of {total} kept, summed over layers)")
         kept, total = self.totals("attention_heads")
         if kept != total:
             parts.append(f"{total - kept} of {total} attention heads")

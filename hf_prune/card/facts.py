@@ -108,14 +108,19 @@ def structure_rows(chain: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
     The entry (written by ``hf_prune.surgery.structure``) holds per-layer lists ``mlp_neurons``,
     ``attention_heads`` and ``kv_heads``, the same lists of the dense model under ``dense``, and,
     once decoder layers were removed, ``kept_layers``: the dense index of each remaining layer.
+    For a mixture of experts (``mlp_neurons`` null, ``expert_neurons`` listed) the neuron columns
+    are the neurons kept in each routed expert.
     """
     structure = next((r["structure"] for r in reversed(chain) if r.get("structure")), None)
     if structure is None:
         return None
-    if not isinstance(structure, dict) or not isinstance(structure.get("mlp_neurons"), list):
+    key = "mlp_neurons"
+    if isinstance(structure, dict) and structure.get(key) is None and isinstance(structure.get("expert_neurons"), list):
+        key = "expert_neurons"
+    if not isinstance(structure, dict) or not isinstance(structure.get(key), list):
         raise ValueError("pruning_config.structure must hold per-layer lists such as 'mlp_neurons' and 'dense'")
     dense = structure.get("dense") or {}
-    count = len(structure["mlp_neurons"])
+    count = len(structure[key])
     kept_layers = structure.get("kept_layers")
     if not (isinstance(kept_layers, list) and len(kept_layers) == count
             and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in kept_layers)):
@@ -130,7 +135,7 @@ def structure_rows(chain: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
 
     rows = []
     for dense_index, kept, total, heads, heads_total, kv, kv_total in zip(
-        kept_layers, column(structure.get("mlp_neurons")), dense_column(dense.get("mlp_neurons")),
+        kept_layers, column(structure.get(key)), dense_column(dense.get(key)),
         column(structure.get("attention_heads")), dense_column(dense.get("attention_heads")),
         column(structure.get("kv_heads")), dense_column(dense.get("kv_heads")),
     ):
@@ -157,7 +162,8 @@ def removed_units(structure: dict[str, Any] | None, before: dict[str, Any] | Non
             lookup = dict(enumerate((structure.get("dense") or {}).get(key) or []))
         return [lookup.get(i) for i in kept]
 
-    for key, unit in (("mlp_neurons", "MLP neurons"), ("attention_heads", "attention heads")):
+    for key, unit in (("mlp_neurons", "MLP neurons"), ("attention_heads", "attention heads"),
+                      ("expert_neurons", "routed-expert neurons")):
         now = structure.get(key) or []
         if any(old is not None and new != old for new, old in zip(now, previous(key))):
             units.append(unit)
@@ -180,6 +186,10 @@ def architecture_rows(structure: dict[str, Any] | None) -> list[tuple[str, str, 
     rows = [("decoder layers", str(len(dense.get("mlp_neurons") or [])), str(len(structure.get("mlp_neurons") or [])))]
     labels = (("mlp_neurons", "MLP width (neurons per layer)"), ("attention_heads", "attention heads per layer"),
               ("kv_heads", "key/value heads per layer"))
+    if isinstance(structure.get("expert_neurons"), list):
+        rows[0] = ("decoder layers", str(len(dense.get("expert_neurons") or [])),
+                   str(len(structure["expert_neurons"])))
+        labels = (("expert_neurons", "routed-expert width (neurons per expert)"),)
     for key, label in labels:
         rows.append((label, summary(dense.get(key)), summary(structure.get(key))))
     before, after = structure.get("parameters_before"), structure.get("parameters_after")

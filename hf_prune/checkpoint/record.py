@@ -385,12 +385,14 @@ def _verify_structure(model: nn.Module, record: dict[str, Any], advice: str) -> 
     structure = record.get("structure")
     if not structure:
         return
-    from ..surgery.structure import SIZE_KEYS, model_shape
+    from ..surgery.structure import EXPERT_KEY, SIZE_KEYS, model_shape
 
     measured = model_shape(model).lists()
-    for key in SIZE_KEYS:
-        if structure.get(key) != measured[key]:
+    for key in (*SIZE_KEYS, EXPERT_KEY):
+        if key == EXPERT_KEY and key not in structure:  # records of dense models, or written before expert neurons
+            continue
+        if structure.get(key) != measured.get(key):
             raise StructureMismatchError(
-                f"the model has {key} {measured[key]} per layer but its pruning record says {structure.get(key)}. "
+                f"the model has {key} {measured.get(key)} per layer but its pruning record says {structure.get(key)}. "
                 f"{advice}"
             )

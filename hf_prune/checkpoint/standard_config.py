@@ -25,7 +25,9 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, PretrainedConfig
 
-from ..surgery.structure import SIZE_KEYS, model_shape
+from ..errors import UnsupportedArchitectureError
+from ..surgery.expert_neurons import expert_size_field
+from ..surgery.structure import EXPERT_KEY, SIZE_KEYS, model_shape
 
 CONFIG_NAME = "config.json"
 
@@ -93,10 +95,13 @@ def standard_export(model: nn.Module) -> StandardExport:
     config = model.config
     if _config_builds(model):  # the config already describes every layer (also MoE models after expert pruning)
         return StandardExport(True)
+    shape = model_shape(model)
+    if shape.layers is None and shape.expert_neurons is not None:
+        return _expert_export(model, shape.expert_neurons)
     fields = SIZE_FIELDS.get(getattr(config, "model_type", None))
     if fields is None:
         return StandardExport(False, reason=f"hf_prune does not know the size fields of {config.model_type!r} configs")
-    shape = model_shape(model).lists()
+    shape = shape.lists()
     if not shape["mlp_neurons"]:
         return StandardExport(True)
     sizes = {key: _uniform(shape[key]) for key in SIZE_KEYS}
@@ -127,6 +132,34 @@ def standard_export(model: nn.Module) -> StandardExport:
     if problem:
         return StandardExport(False, reason=problem)
     return StandardExport(True, out)
+
+
+def _expert_export(model: nn.Module, sizes: list[int | None]) -> StandardExport:
+    """The config field of a mixture of experts whose routed experts keep ``sizes`` neurons per layer."""
+    kept = _uniform([size for size in sizes if size is not None])
+    if kept is None:
+        return StandardExport(False, reason=f"the MoE layers keep different numbers of neurons per expert {sizes}")
+    if kept == 0:
+        return StandardExport(False, reason="the routed experts keep no neuron")
+    dense = _dense_expert_width(model)
+    try:
+        name = expert_size_field(model.config, dense)
+    except UnsupportedArchitectureError as err:
+        return StandardExport(False, reason=str(err))
+    out = {name: kept}
+    problem = _mismatch_when_built(model, out)
+    if problem:
+        return StandardExport(False, reason=problem)
+    return StandardExport(True, out)
+
+
+def _dense_expert_width(model: nn.Module) -> int:
+    """The routed experts' width before structured pruning (from the record, else the current width)."""
+    structure = (getattr(model.config, "pruning_config", None) or {}).get("structure") or {}
+    dense = [size for size in (structure.get("dense") or {}).get(EXPERT_KEY) or [] if size is not None]
+    if dense:
+        return int(dense[0])
+    return int(next(size for size in model_shape(model).expert_neurons or [] if size is not None))
 
 
 def config_with(config: PretrainedConfig, fields: dict[str, Any]) -> PretrainedConfig:
@@ -199,6 +232,15 @@ def saved_config_is_standard(config: dict[str, Any]) -> bool:
     structure = record.get("structure") if isinstance(record, dict) else None
     if not structure:
         return True
+    experts = structure.get(EXPERT_KEY)
+    if isinstance(experts, list) and all(structure.get(key) is None for key in SIZE_KEYS):
+        kept = _uniform([size for size in experts if size is not None])
+        dense = _uniform([size for size in (structure.get("dense") or {}).get(EXPERT_KEY) or [] if size is not None])
+        if kept is None or dense is None:
+            return False
+        if kept == dense:
+            return True
+        return any(config.get(name) == kept for name in ("moe_intermediate_size", "intermediate_size"))
     fields = SIZE_FIELDS.get(config.get("model_type"))
     if fields is None:
         return False

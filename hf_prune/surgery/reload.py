@@ -18,7 +18,8 @@ from ..errors import StructureMismatchError
 from ..walker.layout import DecoderLayout
 from .geometry import layer_sizes
 from .shrink import shrink_attention, shrink_mlp
-from .structure import SIZE_KEYS
+from .expert_neurons import apply_expert_sizes
+from .structure import EXPERT_KEY, SIZE_KEYS
 
 LOADER_ADVICE = (
     "Checkpoints whose layers were shrunk by hf_prune's structured pruning keep their per-layer sizes in "
@@ -61,6 +62,19 @@ def _size_lists(entry: Any, key: str) -> dict[str, list[int]] | None:
     return sizes
 
 
+def _expert_list(entry: Any, key: str) -> list[int | None] | None:
+    """The ``expert_neurons`` list of ``entry`` (one non-negative integer or ``null`` per layer), if any."""
+    if not isinstance(entry, dict) or entry.get(EXPERT_KEY) is None:
+        return None
+    values = entry[EXPERT_KEY]
+    if (not isinstance(values, list) or len(values) > MAX_LAYERS
+            or not all(v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_SIZE)
+                       for v in values)):
+        raise _refuse(f"{key}.{EXPERT_KEY}", values, "a list of non-negative integers (neurons kept in each routed "
+                      "expert) or nulls (layers without experts), one per decoder layer")
+    return values
+
+
 def _layer_count(sizes: dict[str, list[int]] | None) -> int | None:
     return None if sizes is None else len(sizes[SIZE_KEYS[0]])
 
@@ -74,6 +88,21 @@ def check_structure_entry(structure: Any) -> dict[str, list[int]] | None:
     sizes = _size_lists(structure, "")
     dense = _size_lists(structure.get("dense"), ".dense")
     kept, dense_layers = _layer_count(sizes), _layer_count(dense)
+    experts, dense_experts = _expert_list(structure, ""), _expert_list(structure.get("dense"), ".dense")
+    if (experts is None) != (dense_experts is None):
+        raise _refuse(f".{EXPERT_KEY}", structure.get(EXPERT_KEY), "given with its dense counterpart "
+                      f"(dense.{EXPERT_KEY}) or not at all")
+    if experts is not None:
+        if kept is not None and len(experts) != kept:
+            raise _refuse(f".{EXPERT_KEY}", experts, "one entry per decoder layer, as the other lists")
+        kept = len(experts) if kept is None else kept
+        dense_layers = len(dense_experts) if dense_layers is None else dense_layers
+        if structure.get("kept_layers") is None and len(experts) != len(dense_experts):
+            raise _refuse(f".dense.{EXPERT_KEY}", dense_experts, "as long as the kept list (one entry per layer)")
+        if structure.get("kept_layers") is None and any(
+                (k is None) != (d is None) or (k is not None and k > d) for k, d in zip(experts, dense_experts)):
+            raise _refuse(f".{EXPERT_KEY}", experts, f"no larger than dense.{EXPERT_KEY} {dense_experts}, with "
+                          "experts in the same layers")
     kept_layers = structure.get("kept_layers")
     if kept_layers is not None:
         if (not isinstance(kept_layers, list) or len(kept_layers) > MAX_LAYERS
@@ -114,7 +143,20 @@ def apply_structure(model: nn.Module, structure: Any) -> None:
     """Shrink a freshly built (dense) model's layers to the sizes in ``structure``."""
     layout = DecoderLayout(model)
     sizes = _sizes(structure, len(layout))
-    if sizes is None:  # no per-layer sizes recorded (layers removed whole, widths unchanged)
+    experts = _expert_list(structure, "")
+    if experts is not None:
+        if len(experts) != len(layout):
+            raise _refuse(f".{EXPERT_KEY}", experts, f"a list of {len(layout)} entries (one per decoder layer)")
+        present = [bool(layout.expert_banks(i)) for i in range(len(layout))]
+        if [size is not None for size in experts] != present:
+            raise StructureMismatchError(
+                f"the pruning record lists routed-expert neurons {experts} per layer, but the model built from this "
+                f"config has experts in layers {[i for i, p in enumerate(present) if p]}. {LOADER_ADVICE}")
+        try:
+            apply_expert_sizes(layout, experts)
+        except ValueError as err:
+            raise StructureMismatchError(f"{err}. {LOADER_ADVICE}") from None
+    if sizes is None:  # no per-layer sizes recorded (layers removed whole, widths unchanged; mixtures of experts)
         return
     for index in range(len(layout)):
         current = layer_sizes(layout, index)

@@ -7,6 +7,11 @@ The entry lives in ``config.json["pruning_config"]["structure"]``::
      "kept_layers": [...],
      "parameters_before": N, "parameters_after": M}
 
+Mixture-of-experts models, whose MLP is a bank of routed experts, have ``null`` per-layer
+``mlp_neurons``/``attention_heads``/``kv_heads`` and add ``"expert_neurons"``: the neurons kept
+in each routed expert of each layer (every expert of a layer keeps as many; ``null`` for a
+layer without experts), with its dense counterpart under ``dense``.
+
 ``dense`` are the sizes the config describes (before any structured pruning) and the
 parameter counts are of the whole model, tied weights counted once. ``kept_layers`` is
 there once decoder layers were removed: the dense model's index of each remaining layer
@@ -23,9 +28,12 @@ from torch import nn
 from ..errors import UnsupportedArchitectureError
 from ..report import StructureSummary, count_parameters
 from ..walker.layout import DecoderLayout
+from .expert_neurons import expert_neuron_sizes
 from .geometry import LayerSizes, layer_sizes
 
 SIZE_KEYS = ("mlp_neurons", "attention_heads", "kv_heads")
+#: the per-layer neurons of each routed expert, in records of mixture-of-experts models
+EXPERT_KEY = "expert_neurons"
 
 
 @dataclass
@@ -36,11 +44,17 @@ class ModelShape:
 
     layers: list[LayerSizes] | None
     parameters: int
+    #: neurons per routed expert in each layer (``None`` where a layer has no experts); ``None``
+    #: for a model without expert banks
+    expert_neurons: list[int | None] | None = None
 
     def lists(self) -> dict[str, list[int] | None]:
-        if self.layers is None:
-            return {key: None for key in SIZE_KEYS}
-        return {key: [getattr(sizes, key) for sizes in self.layers] for key in SIZE_KEYS}
+        """The per-layer size lists of the record (``expert_neurons`` only for mixture-of-experts models)."""
+        lists: dict[str, Any] = ({key: None for key in SIZE_KEYS} if self.layers is None
+                                 else {key: [getattr(sizes, key) for sizes in self.layers] for key in SIZE_KEYS})
+        if self.expert_neurons is not None:
+            lists[EXPERT_KEY] = list(self.expert_neurons)
+        return lists
 
 
 def model_shape(model: nn.Module) -> ModelShape:
@@ -50,7 +64,7 @@ def model_shape(model: nn.Module) -> ModelShape:
         layers: list[LayerSizes] | None = [layer_sizes(layout, i) for i in range(len(layout))]
     except UnsupportedArchitectureError:
         layers = None
-    return ModelShape(layers, count_parameters(model))
+    return ModelShape(layers, count_parameters(model), expert_neuron_sizes(layout))
 
 
 def structure_record(model: nn.Module, before: ModelShape, previous: dict | None,
@@ -63,10 +77,13 @@ def structure_record(model: nn.Module, before: ModelShape, previous: dict | None
     """
     earlier = (previous or {}).get("structure") or None
     now = model_shape(model)
-    if earlier is None and kept_layers is None and now.layers == before.layers:
+    if (earlier is None and kept_layers is None and now.layers == before.layers
+            and now.expert_neurons == before.expert_neurons):
         return None
     record: dict[str, Any] = dict(now.lists())
-    record["dense"] = earlier["dense"] if earlier else before.lists()
+    record["dense"] = dict(earlier["dense"]) if earlier else before.lists()
+    if EXPERT_KEY in record and EXPERT_KEY not in record["dense"]:  # experts first shrunk in this run
+        record["dense"][EXPERT_KEY] = before.lists().get(EXPERT_KEY)
     dense_index = (earlier or {}).get("kept_layers")
     if kept_layers is not None:
         base = dense_index if dense_index is not None else list(range(len(before.layers)))
@@ -126,5 +143,7 @@ def structure_summary(model: nn.Module) -> StructureSummary | None:
     if not record:
         return None
     report = structure_report(model)
-    return StructureSummary(report.shape.lists(), {k: list(v) for k, v in report.dense.items() if k in SIZE_KEYS},
-                            report.parameters_before, report.parameters_after)
+    keys = (*SIZE_KEYS, EXPERT_KEY)
+    kept = {k: v for k, v in report.shape.lists().items() if k in keys and v is not None}
+    dense = {k: list(v) for k, v in report.dense.items() if k in keys and v is not None}
+    return StructureSummary(kept, dense, report.parameters_before, report.parameters_after)

@@ -127,6 +127,13 @@ class ExpertBank:
             return torch.cat([neurons, neurons + self.intermediate_size])
         return torch.stack([2 * neurons, 2 * neurons + 1], dim=1).reshape(-1)
 
+    def row_neurons(self) -> torch.Tensor:
+        """The intermediate neuron each row of an expert's ``(out, in)`` gate/up slice belongs to."""
+        neurons = torch.arange(self.intermediate_size)
+        if not self.layout.has_gate:
+            return neurons
+        return torch.cat([neurons, neurons]) if self.layout.concatenated else neurons.repeat_interleave(2)
+
     def _bias(self, projection: ExpertProjection, expert: int) -> torch.Tensor | None:
         if projection.bias is None:
             return None

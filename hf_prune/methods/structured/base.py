@@ -4,6 +4,14 @@ A structured method scores the MLP neurons (and, with ``heads=True``, the attent
 groups) of each decoder layer after the engine's statistics pass, keeps the best ones and
 removes the rest physically; the engine then recomputes the layer's outputs for the next
 layer. Subclasses only say how to score.
+
+In a mixture-of-experts model the neurons removed are those inside each routed expert: every
+expert of every MoE layer keeps the same number (``amount`` of its neurons removed, rounded
+to ``round_to``), each chosen by the expert's own scores (``score_expert_neurons``), so the
+kept width can be written into the config's expert size field. Routers are untouched. Dense
+MLP layers and shared experts with their own size field are left as they are; shared experts
+the config sizes from the routed experts' field (DeepSeek-V3, Llama 4) keep ``factor x`` the
+experts' count, scored like a dense MLP.
 """
 
 from __future__ import annotations
@@ -13,14 +21,24 @@ from abc import abstractmethod
 from dataclasses import dataclass
 
 import torch
+from transformers.utils import logging
 
 from ...config import PruningConfig
 from ...engine.statistics import InputStatistics, StatKind
-from ...errors import PruningConfigError
+from ...errors import PruningConfigError, UnsupportedArchitectureError, UnsupportedOperatorError
+from ...surgery.expert_neurons import (
+    SharedExpert,
+    shrink_expert_neurons,
+    shrink_shared_expert,
+    tied_shared_expert,
+)
 from ...surgery.geometry import attention_geometry, attention_input_names, operator
 from ...surgery.shrink import shrink_attention, shrink_mlp
-from ...walker.layout import Operator
+from ...walker.experts import ExpertBank
+from ...walker.layout import DecoderLayout, Operator
 from ..base import LayerContext, LayerPruner
+
+logger = logging.get_logger(__name__)
 
 DEFAULT_AMOUNT = 0.3
 
@@ -115,6 +133,11 @@ class StructuredConfig(PruningConfig):
         return math.lcm(self.round_to, self.tensor_parallel_size)
 
 
+def _has_experts(layout: DecoderLayout) -> bool:
+    """Whether any decoder layer holds stacked routed-expert weights (readable or not)."""
+    return any(layout.expert_banks(i) or layout.unreadable_experts(i) for i in range(len(layout)))
+
+
 def kept_count(width: int, amount: float, round_to: int = 1) -> int:
     """Units kept out of ``width`` when removing ``amount`` of them, rounded to a multiple of ``round_to``."""
     if amount <= 0 or width == 0:
@@ -163,11 +186,44 @@ class StructuredPruner(LayerPruner):
     prunes_operators = False
     #: whether the scores use activation statistics of the MLP and attention operators
     uses_activations = True
+    #: whether the method scores the neurons inside routed experts (``score_expert_neurons``)
+    scores_expert_neurons = False
 
     def __init__(self, config: StructuredConfig) -> None:
         super().__init__(config)
         self.config: StructuredConfig = config
         self._statistics_names: set[str] = set()
+        #: whether the model is a mixture of experts (set by ``validate_layout``)
+        self._experts: bool | None = None
+        #: per MoE layer: {"layer", "module", "kept", "of", "shared"} (logged; see ``expert_layers``)
+        self.expert_layers: list[dict] = []
+
+    def validate_layout(self, layout: DecoderLayout) -> None:
+        """Refuse mixtures of experts this method cannot shrink, before any work."""
+        self._experts = _has_experts(layout)
+        if not self._experts:
+            return
+        name = type(self.config).method
+        unreadable = [f"{layout.layer_prefix(i)}.{p}" for i in range(len(layout)) for p in layout.unreadable_experts(i)]
+        if unreadable:
+            raise UnsupportedArchitectureError(
+                f"{name} cannot read the stacked expert weights of {', '.join(unreadable[:3])} ({layout.model_type}); "
+                "open an issue with the model id")
+        if not self.scores_expert_neurons:
+            raise UnsupportedOperatorError(
+                f"{name} ranks the neurons of one dense MLP per layer and has no rule for the routed experts of "
+                f"{type(layout.model).__name__} ({layout.model_type}); remove expert neurons with "
+                "'activation-norm-structured' (ActivationNormStructuredConfig) or 'l1-norm-structured', or whole "
+                "experts with 'expert-pruning' (ExpertPruningConfig)")
+        if self.config.heads:
+            raise UnsupportedArchitectureError(
+                f"{name} with heads=True: attention heads of mixture-of-experts models ({layout.model_type}) are not "
+                "removed; pass heads=False to remove the routed experts' neurons, or prune the heads of a dense model")
+        widths = {bank.intermediate_size for i in range(len(layout)) for bank in layout.expert_banks(i)}
+        if len(widths) != 1:
+            raise UnsupportedArchitectureError(
+                f"{name}: the routed experts of {layout.model_type} have different widths {sorted(widths)}; every "
+                "expert keeps the same neuron count, so they must start from one width")
 
     def statistics_kind(self, op: Operator) -> StatKind:
         if not self.uses_activations:
@@ -175,6 +231,15 @@ class StructuredPruner(LayerPruner):
         return StatKind.NORMS if op.local_name in self._statistics_names else StatKind.NONE
 
     def start_layer(self, context: LayerContext) -> None:
+        if self._uses_experts(context.layout):
+            self._statistics_names = set()
+            for bank in context.layout.expert_banks(context.index):
+                down = next(p.parameter for p in bank.projections if p.role == "down")
+                self._statistics_names |= {f"{bank.path}.{down}.{e}" for e in range(bank.num_experts)}
+                shared = tied_shared_expert(context.layout, context.index, bank)
+                if shared is not None:
+                    self._statistics_names.add(f"{shared.path}.down_proj")
+            return
         spec = context.layout.spec
         names = {*spec.mlp_in, spec.mlp_out}
         if self.config.heads:
@@ -196,6 +261,42 @@ class StructuredPruner(LayerPruner):
     def score_groups(self, context: LayerContext) -> torch.Tensor:
         """Importance of each attention KV group of this layer (higher = kept)."""
 
+    def score_expert_neurons(self, context: LayerContext, bank: ExpertBank) -> torch.Tensor:
+        """``[experts, neurons]``: importance of each neuron of each routed expert of ``bank`` (higher = kept)."""
+        raise UnsupportedOperatorError(f"{type(self).__name__} does not score the neurons of routed experts")
+
+    def score_shared_neurons(self, context: LayerContext, shared: SharedExpert) -> torch.Tensor:
+        """Importance of each neuron of a shared expert tied to the routed experts' size (higher = kept)."""
+        raise UnsupportedOperatorError(f"{type(self).__name__} does not score the neurons of shared experts")
+
+    def _uses_experts(self, layout: DecoderLayout) -> bool:
+        if self._experts is None:  # validate_layout not run (a pruner driven by hand)
+            self.validate_layout(layout)
+        return bool(self._experts)
+
+    def finish_expert_layer(self, context: LayerContext) -> bool:
+        """Remove the same share of neurons from every routed expert of this layer (tied shared experts too)."""
+        changed = False
+        for bank in context.layout.expert_banks(context.index):
+            width = bank.intermediate_size
+            keep = kept_count(width, self.config.amount, self.config.neuron_multiple)
+            shared = tied_shared_expert(context.layout, context.index, bank)
+            if keep == width:
+                continue
+            scores = self.score_expert_neurons(context, bank)
+            neurons = torch.stack([top_units(scores[e], keep) for e in range(bank.num_experts)])
+            shared_kept = None
+            if shared is not None:  # score before the routed experts change: nothing of the shared path does
+                shared_kept = min(shared.width, keep * shared.factor)
+                shrink_shared_expert(shared, top_units(self.score_shared_neurons(context, shared), shared_kept))
+            changed |= shrink_expert_neurons(bank, neurons) > 0
+            self.expert_layers.append({"layer": context.index, "module": bank.path, "kept": keep, "of": width,
+                                       "shared": shared_kept})
+            logger.info("%s: layer %d keeps %d of %d neurons in each of its %d routed experts%s",
+                        type(self.config).method, context.index, keep, width, bank.num_experts,
+                        f" and {shared_kept} in {shared.path}" if shared is not None else "")
+        return changed
+
     def layer_done(self, context: LayerContext, neurons: torch.Tensor, scores: torch.Tensor | None) -> None:
         """Called after the layer was shrunk, with the kept neurons and all neurons' scores."""
         return None
@@ -203,6 +304,8 @@ class StructuredPruner(LayerPruner):
     # the shared procedure ------------------------------------------------------------------------------------
     def finish_layer(self, context: LayerContext) -> bool:
         layout, index = context.layout, context.index
+        if self._uses_experts(layout):
+            return self.finish_expert_layer(context)
         changed = False
         if self.config.heads:
             geometry = attention_geometry(layout, index)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ...engine.statistics import InputStatistics
@@ -12,6 +14,8 @@ from ...surgery.geometry import (
     mlp_input_magnitude,
     operator,
 )
+from ...surgery.expert_neurons import SharedExpert
+from ...walker.experts import ExpertBank
 from ...walker.layout import DecoderLayout
 from ..base import LayerContext
 
@@ -114,3 +118,45 @@ def propagate(magnitude: torch.Tensor, importance: torch.Tensor, theta: float) -
     by_weight = torch.where(weight_total > 0, importance / weight_total.clamp_min(1e-30), 0.0)
     by_edges = torch.where(edge_total > 0, importance / edge_total.clamp_min(1.0), 0.0)
     return theta * (magnitude @ by_weight) + (1.0 - theta) * (adjacency @ by_edges)
+
+
+def expert_neuron_l1(bank: ExpertBank) -> torch.Tensor:
+    """``[experts, neurons]``: L1 norm of each expert neuron's incoming weights (its gate and up rows)."""
+    first = bank.projections[0].parameter
+    owners = bank.row_neurons()
+    scores = torch.zeros(bank.num_experts, bank.intermediate_size)
+    for expert in range(bank.num_experts):
+        rows = bank.weight(first, expert).detach().float().abs().sum(dim=1).cpu()
+        scores[expert].index_add_(0, owners, rows)
+    return scores
+
+
+def expert_activation_norms(context: LayerContext, bank: ExpertBank, floor: int,
+                            on_fallback: Callable[[str, int], None]) -> torch.Tensor:
+    """``[experts, neurons]``: ``‖h_j‖₂`` of each expert neuron's activation over the calibration tokens routed
+    to that expert. An expert routed fewer than ``floor`` tokens is ranked by :func:`expert_neuron_l1` instead
+    (``on_fallback(slice name, tokens)`` is told); rankings are per expert, so the scales never mix."""
+    down = next(p.parameter for p in bank.projections if p.role == "down")
+    prefix = f"{context.layout.layer_prefix(context.index)}.{bank.path}.{down}"
+    scores = torch.zeros(bank.num_experts, bank.intermediate_size)
+    fallback = None
+    for expert in range(bank.num_experts):
+        stats = context.stats.get(f"{prefix}.{expert}")
+        tokens = stats.tokens if stats is not None else 0
+        if tokens >= max(floor, 1):
+            scores[expert] = stats.column_norms.float().cpu()
+            continue
+        fallback = expert_neuron_l1(bank) if fallback is None else fallback
+        scores[expert] = fallback[expert]
+        on_fallback(f"{prefix}.{expert}", tokens)
+    return scores
+
+
+def shared_neuron_l1(shared: SharedExpert) -> torch.Tensor:
+    """L1 norm of each shared-expert neuron's incoming weights (gate and up rows together)."""
+    return sum(linear.weight.detach().float().abs().sum(dim=1).cpu() for linear in shared.inputs)
+
+
+def shared_activation_norms(context: LayerContext, shared: SharedExpert) -> torch.Tensor:
+    """``‖h_j‖₂`` over the calibration tokens of each shared-expert neuron (the input of its down projection)."""
+    return statistics(context, f"{shared.path}.down_proj").column_norms.float().cpu()
