@@ -16,9 +16,9 @@ from torch import nn
 from ..config import short_repr
 from ..errors import StructureMismatchError
 from ..walker.layout import DecoderLayout
+from .expert_neurons import apply_expert_sizes
 from .geometry import layer_sizes
 from .shrink import shrink_attention, shrink_mlp
-from .expert_neurons import apply_expert_sizes
 from .structure import EXPERT_KEY, SIZE_KEYS
 
 LOADER_ADVICE = (

@@ -173,3 +173,21 @@ def test_record_that_does_not_match_the_experts_is_refused(token_ids, tmp_path):
     path.write_text(json.dumps(saved))
     with pytest.raises(StructureMismatchError):
         AutoPrunedModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_hf_prune_rebuilds_recorded_expert_widths_when_the_config_keeps_dense_sizes(family, token_ids, tmp_path):
+    """A checkpoint whose config.json still says the dense width (e.g. written before the field was known)
+    loads with AutoPrunedModelForCausalLM from the record alone: experts (transposed, with biases) and the
+    tied shared expert are rebuilt at the recorded width."""
+    model = tiny_model(family).eval()
+    model.prune(ActivationNormStructuredConfig(amount=0.25, device="cpu"), calibration_data=token_ids)
+    expected = _logits(model)
+    model.save_pretrained(tmp_path / "out")
+    path = tmp_path / "out" / "config.json"
+    saved = json.loads(path.read_text())
+    saved[SIZE_FIELD[family]] = 32
+    path.write_text(json.dumps(saved))
+    assert not saved_config_is_standard(saved)
+    ours = AutoPrunedModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(_logits(ours), expected, atol=1e-5, rtol=0)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ...engine.statistics import InputStatistics
+from ...surgery.expert_neurons import SharedExpert
 from ...surgery.geometry import (
     AttentionGeometry,
     attention_geometry,
@@ -14,7 +15,6 @@ from ...surgery.geometry import (
     mlp_input_magnitude,
     operator,
 )
-from ...surgery.expert_neurons import SharedExpert
 from ...walker.experts import ExpertBank
 from ...walker.layout import DecoderLayout
 from ..base import LayerContext
