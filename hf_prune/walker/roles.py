@@ -128,8 +128,8 @@ def derive_spec(layers_path: str, widths: dict[str, tuple[int, int]], experts: t
                 break
     fields: dict[str, Any] = {}
     if experts:
-        missing.append(f"mlp: the MLP is a mixture of experts ({', '.join(experts)}); structured methods "
-                       "remove neurons of dense MLPs only")
+        missing.append(f"mlp: the MLP is a mixture of experts ({', '.join(experts)}); structured methods remove "
+                       "the neurons inside its routed experts instead (activation-norm- and l1-norm-structured)")
     elif len(mlps) == 1:
         inputs, output = mlps[0]
         width = widths[output][1]  # 0 in a layer whose neurons were all removed: then only the name tells
