@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import UnsupportedArchitectureError
 from ..walker.experts import ExpertBank
 from ..walker.layout import DecoderLayout
+from .experts import field_holding
 from .shrink import keep_inputs, keep_outputs
 
 #: model_type -> (name of the shared-expert MLP inside the MoE block, its width in routed-expert widths)
@@ -171,11 +172,4 @@ def apply_expert_sizes(layout: DecoderLayout, sizes: list[int | None]) -> None:
 
 def expert_size_field(config: Any, width: int) -> str:
     """The config field that holds the routed experts' intermediate size ``width``."""
-    values = config.to_dict()
-    for name in EXPERT_SIZE_FIELDS:
-        if values.get(name) == width:
-            return name
-    raise UnsupportedArchitectureError(
-        f"{type(config).__name__} holds none of {', '.join(EXPERT_SIZE_FIELDS)} equal to the routed experts' "
-        f"{width} neurons, so a smaller expert width cannot be written into its config"
-    )
+    return field_holding(config, EXPERT_SIZE_FIELDS, width, "neurons per routed expert")

@@ -99,16 +99,21 @@ def remove_experts(layout: DecoderLayout, index: int, bank: ExpertBank, keep: It
     return removed
 
 
-def expert_count_field(config: Any, count: int) -> str:
-    """The config field that holds the routed-expert count ``count``."""
+def field_holding(config: Any, fields: tuple[str, ...], value: int, what: str) -> str:
+    """The first of ``fields`` whose value in ``config`` is ``value`` (``what`` it counts, for the error)."""
     values = config.to_dict()
-    for name in CONFIG_FIELDS:
-        if values.get(name) == count:
+    for name in fields:
+        if values.get(name) == value:
             return name
     raise UnsupportedArchitectureError(
-        f"{type(config).__name__} holds none of {', '.join(CONFIG_FIELDS)} equal to the model's {count} routed "
-        "experts, so the kept count cannot be written into its config"
+        f"{type(config).__name__} holds none of {', '.join(fields)} equal to the model's {value} {what}, so a "
+        "smaller value cannot be written into its config"
     )
+
+
+def expert_count_field(config: Any, count: int) -> str:
+    """The config field that holds the routed-expert count ``count``."""
+    return field_holding(config, CONFIG_FIELDS, count, "routed experts")
 
 
 def set_expert_count(model: nn.Module, old: int, new: int) -> str:
