@@ -299,16 +299,22 @@ class PruningConfig:
             if self.amount is not None:
                 raise PruningConfigError("amount", f"pass either amount (the share of {amount_meaning} removed) or "
                                          f"{count_field} ({count_meaning}), not both")
-        elif self.amount is None:
+            self.sparsity = 0.0
+            return
+        self._settle_amount(amount_meaning, default)
+
+    def _settle_amount(self, amount_meaning: str, default: float) -> None:
+        """``amount`` (a share of ``amount_meaning`` removed, default ``sparsity`` or ``default``) in [0, 1),
+        agreeing with ``sparsity``, which then mirrors it."""
+        if self.amount is None:
             self.amount = self.sparsity if self.sparsity is not None else default
-        if self.amount is not None:
-            if not 0 <= self.amount < 1:
-                raise PruningConfigError("amount", f"amount must be in [0, 1) (the share of {amount_meaning} "
-                                         f"removed), got {self.amount!r}")
-            if self.sparsity is not None and not math.isclose(self.sparsity, self.amount, abs_tol=1e-9):
-                raise PruningConfigError("amount", f"amount={self.amount} and sparsity={self.sparsity} differ; pass "
-                                         "only amount")
-        self.sparsity = self.amount if self.amount is not None else 0.0
+        if not 0 <= self.amount < 1:
+            raise PruningConfigError("amount", f"amount must be in [0, 1) (the share of {amount_meaning} "
+                                     f"removed), got {self.amount!r}")
+        if self.sparsity is not None and not math.isclose(self.sparsity, self.amount, abs_tol=1e-9):
+            raise PruningConfigError("amount", f"amount={self.amount} and sparsity={self.sparsity} differ; pass "
+                                     "only amount")
+        self.sparsity = self.amount
 
     def _check_types(self) -> None:
         """Normalise shorthands, then check every field's type (``PruningConfigError`` naming it)."""

@@ -150,15 +150,7 @@ class BudgetConfig(PruningConfig):
                                          "pass only target_params")
             self.sparsity = mirrored
             return
-        if self.amount is None:
-            self.amount = self.sparsity if self.sparsity is not None else DEFAULT_AMOUNT
-        if not 0 <= self.amount < 1:
-            raise PruningConfigError("amount", f"amount must be in [0, 1) (the share of the non-embedding parameters "
-                                     f"removed), got {self.amount!r}")
-        if self.sparsity is not None and not math.isclose(self.sparsity, self.amount, abs_tol=1e-9):
-            raise PruningConfigError("amount", f"amount={self.amount} and sparsity={self.sparsity} differ; pass only "
-                                     "amount")
-        self.sparsity = self.amount
+        self._settle_amount("the non-embedding parameters", DEFAULT_AMOUNT)
 
     def _check_mixes(self) -> None:
         if self.mixes is None:
