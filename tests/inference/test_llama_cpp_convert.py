@@ -225,10 +225,11 @@ def test_llama_with_neurons_and_heads_removed(tokenizer, tmp_path):
     _check_llama(model, tokenizer, _save_and_convert(model, tokenizer, tmp_path / "llama-width"))
 
 
-def test_depth_pruned_llama(tokenizer, tmp_path):
+def test_depth_pruned_llama_with_width_on_top(tokenizer, tmp_path):
     model = _model(tokenizer, "llama", layers=4)
     model.prune(DepthConfig(num_layers=2, device="cpu"), calibration_data=_calibration(tokenizer))
-    assert len(model.model.layers) == 2
+    model.prune(L1NormStructuredConfig(amount=0.3, heads=True, device="cpu"))  # as the README's depth example
+    assert len(model.model.layers) == 2 and model.model.layers[0].mlp.up_proj.out_features < 128
     _check_llama(model, tokenizer, _save_and_convert(model, tokenizer, tmp_path / "llama-depth"))
 
 
