@@ -144,15 +144,23 @@ def structure_rows(chain: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
     return rows
 
 
+def _layer_count(sizes: dict[str, Any]) -> int:
+    """Decoder layers a ``structure`` entry (or its ``dense`` sizes) lists: its ``mlp_neurons``, or for a mixture of
+    experts (``mlp_neurons`` null) its ``expert_neurons``."""
+    values = sizes.get("mlp_neurons")
+    if not isinstance(values, list):
+        values = sizes.get("expert_neurons")
+    return len(values) if isinstance(values, list) else 0
+
+
 def removed_units(structure: dict[str, Any] | None, before: dict[str, Any] | None = None) -> list[str]:
     """What a ``structure`` entry removed relative to ``before`` (an earlier entry; default the dense
-    sizes): any of "decoder layers", "MLP neurons", "attention heads"."""
+    sizes): any of "decoder layers", "MLP neurons", "attention heads", "routed-expert neurons"."""
     if not structure:
         return []
     reference = before or {}
-    reference_layers = reference.get("kept_layers") or list(range(len((structure.get("dense") or {}).get(
-        "mlp_neurons") or [])))
-    kept = structure.get("kept_layers") or list(range(len(structure.get("mlp_neurons") or [])))
+    reference_layers = reference.get("kept_layers") or list(range(_layer_count(structure.get("dense") or {})))
+    kept = structure.get("kept_layers") or list(range(_layer_count(structure)))
     units = ["decoder layers"] if len(kept) < len(reference_layers) else []
 
     def previous(key: str) -> list[Any]:
@@ -290,6 +298,45 @@ def heads_removed(rows: list[dict[str, Any]] | None) -> bool:
 RUNTIMES = (("transformers", "AutoModelForCausalLM"), ("vLLM", None), ("llama.cpp", "convert_hf_to_gguf.py"),
             ("hf_prune", "AutoPrunedModelForCausalLM"))
 
+#: What ``tests/inference/test_llama_cpp_convert.py`` runs through llama.cpp's ``convert_hf_to_gguf.py``:
+#: model_type -> (display name, what was removed from its tiny standard checkpoints, what the GGUF was checked
+#: to give). Llama and Qwen3-MoE GGUFs are loaded back in transformers; transformers reads llama.cpp's Mixtral
+#: as a dense Llama, so its GGUF's sizes and router/expert weights are compared instead.
+LLAMA_CPP_TESTED = {
+    "llama": ("Llama", frozenset({"decoder layers", "MLP neurons", "attention heads", "residual-stream channels"}),
+              "the pruned sizes and the same logits"),
+    "qwen3_moe": ("Qwen3-MoE", frozenset({"routed experts", "routed-expert neurons"}),
+                  "the pruned sizes and the same logits"),
+    "mixtral": ("Mixtral", frozenset({"routed experts", "routed-expert neurons"}),
+                "the pruned sizes and the same router and expert weights"),
+}
+
+
+def removed_kinds(chain: list[dict[str, Any]]) -> list[str]:
+    """What the runs of ``chain`` removed from the base model: the units of the last ``structure`` entry
+    (``removed_units``), then "routed experts" and "residual-stream channels" when a run removed them."""
+    structure = next((r["structure"] for r in reversed(chain) if isinstance(r.get("structure"), dict)), None)
+    kinds = removed_units(structure)
+    if any(expert_removal(r) is not None for r in chain):
+        kinds.append("routed experts")
+    if any(channel_removal(r) is not None for r in chain):
+        kinds.append("residual-stream channels")
+    return kinds
+
+
+def _llama_cpp_note(model_type: Any, kinds: list[str]) -> str | None:
+    """The llama.cpp row's note: tested when the test converts this family pruned these ways, else expected."""
+    if not kinds:
+        return None
+    tested = LLAMA_CPP_TESTED.get(model_type)
+    if tested is not None and set(kinds) <= tested[1]:
+        listed = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} and {kinds[-1]}"
+        return f"tested: its converter turns tiny {tested[0]} checkpoints with {listed} removed into GGUF files with " \
+               f"{tested[2]}"
+    return ("expected: its converter reads the kept sizes from config.json; tested only on Llama checkpoints "
+            "(layers, neurons, heads, hidden size removed) and Qwen3-MoE and Mixtral checkpoints (experts, "
+            "neurons inside experts removed)")
+
 
 def runtimes(checkpoint: Checkpoint) -> list[dict[str, Any]]:
     """Which runtimes load the checkpoint: ``{"name", "entry", "loads", "why", "note"}`` per runtime.
@@ -297,7 +344,9 @@ def runtimes(checkpoint: Checkpoint) -> list[dict[str, Any]]:
     Unstructured and N:M checkpoints are dense tensors with zeros, and structured ones whose
     config states their sizes (``standard_config``) are ordinary checkpoints of their family:
     every runtime loads them. Compressed checkpoints and those whose layer sizes only the
-    pruning record holds load with hf_prune alone.
+    pruning record holds load with hf_prune alone. The note of a structured checkpoint says
+    whether loading it in llama.cpp's converter is tested (``LLAMA_CPP_TESTED``) or expected, and
+    that vLLM is not tested on expert-pruned or hidden-size-pruned checkpoints.
     """
     from ..checkpoint.standard_config import saved_config_is_standard
 
@@ -307,20 +356,19 @@ def runtimes(checkpoint: Checkpoint) -> list[dict[str, Any]]:
         why = "the layers have different sizes, which only the pruning record lists"
     else:
         why = None
-    # plain transformers loading an expert-pruned checkpoint is what the tests measure; the others read the same
-    # config fields but are not tested on one
-    experts_removed = any(isinstance(r.get("removed_experts"), dict) for r in checkpoint.chain)
-    channels_removed = any(isinstance(r.get("removed_channels"), dict) for r in checkpoint.chain)
+    kinds = removed_kinds(checkpoint.chain)
     rows = []
     for name, entry in RUNTIMES:
         ours = name == "hf_prune"
         loads = ours or why is None
         note = None
-        if loads and name in ("vLLM", "llama.cpp"):
-            if experts_removed:
+        if loads and name == "llama.cpp":
+            note = _llama_cpp_note(checkpoint.config.get("model_type"), kinds)
+        elif loads and name == "vLLM":  # the vLLM test serves a Llama with layers, neurons and heads removed
+            if "routed experts" in kinds:
                 note = ("expected: it reads the kept expert count from config.json; not tested on expert-pruned "
                         "checkpoints")
-            elif channels_removed:
+            elif "residual-stream channels" in kinds:
                 note = ("expected: it reads the hidden size and head_dim from config.json; not tested on "
                         "hidden-size-pruned checkpoints")
         rows.append({"name": name, "entry": entry, "loads": loads, "why": None if ours else why, "note": note})

@@ -347,7 +347,10 @@ def test_standard_structured_card_shows_sizes_and_runtimes(token_ids, tmp_path):
     assert architecture["MLP width (neurons per layer)"] == ["128", "64"]
     assert architecture["key/value heads per layer"] == ["2", "1"]
     runtimes = {row[0]: row[1] for row in _table_rows(card.text, "| runtime | loads this checkpoint |")}
-    assert set(runtimes.values()) == {"yes"} and len(runtimes) == 4
+    llama_cpp = runtimes.pop("llama.cpp (`convert_hf_to_gguf.py`)")
+    assert set(runtimes.values()) == {"yes"} and len(runtimes) == 3
+    assert llama_cpp == ("yes (tested: its converter turns tiny Llama checkpoints with decoder layers, MLP neurons "
+                         "and attention heads removed into GGUF files with the pruned sizes and the same logits)")
     assert "whole decoder layers and MLP neurons and attention heads were removed" in " ".join(card.text.split())
     assert 'AutoModelForCausalLM.from_pretrained("someone/tiny-shallow")' in card.text
     assert 'LLM(model="someone/tiny-shallow")' in card.text
@@ -374,3 +377,55 @@ def test_non_uniform_structured_card_names_hf_prune_as_the_only_loader(token_ids
     assert runtimes["vLLM"].startswith("no: the layers have different sizes")
     architecture = {row[0]: row[1:] for row in _table_rows(card.text, "| | base model | this model |")}
     assert architecture["MLP width (neurons per layer)"] == ["128", "40 to 96 (varies by layer)"]
+
+
+def _runtime_notes(directory: Path) -> dict[str, str | None]:
+    from hf_prune.card.facts import runtimes
+
+    return {row["name"]: row["note"] for row in runtimes(read_checkpoint(directory))}
+
+
+@pytest.mark.parametrize("family, config, llama_cpp, vllm", [
+    # what tests/inference/test_llama_cpp_convert.py converts: tested
+    ("qwen3_moe", "neurons", "tested: its converter turns tiny Qwen3-MoE checkpoints with routed-expert neurons "
+                             "removed into GGUF files with the pruned sizes and the same logits", None),
+    ("mixtral", "experts", "tested: its converter turns tiny Mixtral checkpoints with routed experts removed into "
+                           "GGUF files with the pruned sizes and the same router and expert weights", "expected"),
+    ("llama", "hidden", "tested: its converter turns tiny Llama checkpoints with residual-stream channels removed "
+                        "into GGUF files with the pruned sizes and the same logits", "expected"),
+    # families the converter test does not run: expected
+    ("qwen3", "hidden", "expected", "expected"),
+    ("olmoe", "experts", "expected", "expected"),
+    # dense tensors with zeros: nothing to say
+    ("llama", "wanda", None, None),
+])
+def test_runtime_notes_say_what_the_converter_test_covers(family, config, llama_cpp, vllm, token_ids, tmp_path):
+    from hf_prune import ActivationNormStructuredConfig, ExpertPruningConfig, HiddenSizeConfig
+
+    configs = {"neurons": ActivationNormStructuredConfig(amount=0.25, device="cpu"),
+               "experts": ExpertPruningConfig(amount=0.5, device="cpu"),
+               "hidden": HiddenSizeConfig(amount=0.5, device="cpu"), "wanda": WandaConfig(sparsity=0.5, device="cpu")}
+    model = tiny_model(family)
+    model.prune(configs[config], calibration_data=token_ids)
+    model.save_pretrained(tmp_path / "out", model_card=False)
+    notes = _runtime_notes(tmp_path / "out")
+    assert notes["transformers"] is None and notes["hf_prune"] is None
+    if llama_cpp == "expected":
+        assert notes["llama.cpp"].startswith("expected: its converter reads the kept sizes from config.json; "
+                                             "tested only on Llama checkpoints")
+    else:
+        assert notes["llama.cpp"] == llama_cpp
+    if vllm == "expected":
+        assert notes["vLLM"].startswith("expected: ") and "; not tested on" in notes["vLLM"]
+    else:
+        assert notes["vLLM"] is None
+
+
+def test_card_names_the_neurons_removed_inside_routed_experts(token_ids, tmp_path):
+    from hf_prune import ActivationNormStructuredConfig
+
+    model = tiny_model("qwen3_moe")
+    model.prune(ActivationNormStructuredConfig(amount=0.25, device="cpu"), calibration_data=token_ids)
+    model.save_pretrained(tmp_path / "out")
+    text = " ".join(_card(tmp_path / "out").text.split())
+    assert "whole routed-expert neurons were removed" in text and "whole MLP neurons" not in text
