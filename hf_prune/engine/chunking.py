@@ -112,6 +112,18 @@ def _samples_per_chunk(x: torch.Tensor, width: int, element_bytes: int, most_tok
     return max(1, most_tokens // math.prod(x.shape[1:-1]))
 
 
+def dense_pass_samples(layout: DecoderLayout, hidden: torch.Tensor) -> int:
+    """Samples per forward for a layer pass that prunes nothing inside it (statistics of the dense layer, then
+    the pruned layer's outputs): on the CPU, as many whole samples as keep layer 0's widest block temporary
+    within ``CPU_CHUNK_BYTES`` (at least one), so the pass reuses heap memory as the chunked one-pass blocks do;
+    elsewhere every sample. The statistics are sums over samples, so this changes only the order of the sums."""
+    if hidden.device.type != "cpu" or hidden.dim() < 3:
+        return hidden.shape[0]
+    widths = [_widest_per_token(layout, 0, block) for block in chunkable_blocks(layout.layer_spec(0))]
+    width = max(widths, default=hidden.shape[-1])
+    return min(hidden.shape[0], _samples_per_chunk(hidden, width, hidden.element_size(), CHUNK_TOKENS))
+
+
 @contextlib.contextmanager
 def chunked_blocks(layout: DecoderLayout, index: int, targets: list[Operator],
                    collector: StatisticsCollector) -> Iterator[None]:

@@ -29,6 +29,7 @@ from ..methods.owl import owl_layer_sparsities
 from ..walker.layout import DecoderLayout, Operator
 from .activations import place_activations
 from .capture import LayerCall, capture_layer_inputs
+from .chunking import dense_pass_samples
 from .experts import expert_calibration_record
 from .host_memory import return_freed_memory_to_os
 from .layer_pass import layer_call, prune_layer, visit_layers
@@ -146,6 +147,9 @@ def _prune_sequentially(layout: DecoderLayout, targets: list[list[Operator]], pr
         logger.warning("true_sequential=True needs all %d calibration samples in one pass, but only %d fit on %s: "
                        "every operator of a layer is calibrated on the layer's dense pass instead", samples,
                        batch_size, device)
+    if pruner.prunes_operators and not one_pass and config.batch_size is None:
+        # two passes over the whole layer: without chunked blocks, few samples per forward keep them as small
+        batch_size = min(batch_size, dense_pass_samples(layout, hidden))
     current = [hidden]
     del hidden
 

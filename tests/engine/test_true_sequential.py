@@ -68,3 +68,28 @@ def test_wanda_n_m_calibrates_on_the_dense_layer_by_default(token_ids):
     sequential = _pruned_masks(dense, WandaConfig(pattern="2:4", device="cpu", true_sequential=True), token_ids)
     assert all(torch.equal(mask, on_dense[name]) for name, mask in default.items())
     assert not all(torch.equal(mask, sequential[name]) for name, mask in default.items())
+
+
+def test_dense_layer_passes_run_few_samples_per_forward_on_cpu(token_ids, monkeypatch):
+    """Calibrated on the dense layer, a layer runs twice over all samples; on the CPU each forward takes as many
+    samples as keep the widest block temporary within ``CPU_CHUNK_BYTES`` (so both passes reuse heap memory), and
+    the masks are those of that batch size given explicitly."""
+    from hf_prune.engine import chunking
+    from hf_prune.engine.chunking import dense_pass_samples
+
+    dense = tiny_model("llama")
+    width = dense.config.intermediate_size * 4  # float32 bytes per token of the widest temporary (the MLP's)
+    monkeypatch.setattr(chunking, "CPU_CHUNK_BYTES", 2 * token_ids.shape[1] * width)  # two samples' worth
+    layout = DecoderLayout(dense)
+    hidden = torch.zeros(token_ids.shape[0], token_ids.shape[1], dense.config.hidden_size)
+    assert dense_pass_samples(layout, hidden) == 2 < token_ids.shape[0]
+
+    model = copy.deepcopy(dense)
+    seen: list[int] = []
+    handle = DecoderLayout(model).layers[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    model.prune(WandaConfig(sparsity=0.5, device="cpu", true_sequential=False), calibration_data=token_ids)
+    handle.remove()
+    # the capture of layer 0's inputs calls it once per sample; then two passes of two samples per forward
+    assert max(seen) == 2 and seen.count(2) == 2 * (token_ids.shape[0] // 2), seen
+    explicit = _pruned_masks(dense, WandaConfig(sparsity=0.5, device="cpu", batch_size=2), token_ids)
+    assert all(torch.equal(mask, explicit[name]) for name, mask in _masks(model).items())
