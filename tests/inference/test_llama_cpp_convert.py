@@ -242,23 +242,14 @@ def test_hidden_size_pruned_llama_with_tied_embeddings(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
-def test_expert_pruned_moe(family, tokenizer, tmp_path):
+@pytest.mark.parametrize(("removed", "sizes"), [("experts", (3, 32)), ("expert-neurons", (4, 24))])
+def test_moe_with_experts_or_expert_neurons_removed(family, removed, sizes, tokenizer, tmp_path):
     model = _model(tokenizer, family)
-    model.prune(ExpertPruningConfig(num_experts_to_keep=3, device="cpu"), calibration_data=_calibration(tokenizer))
-    assert _expert_sizes(model) == (3, 32)
-    gguf_dir = _save_and_convert(model, tokenizer, tmp_path / f"{family}-experts")
-    if family == "qwen3_moe":
-        _check_qwen3_moe(model, tokenizer, gguf_dir)
-    else:
-        _check_mixtral(model, gguf_dir)
-
-
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
-def test_moe_with_neurons_removed_inside_experts(family, tokenizer, tmp_path):
-    model = _model(tokenizer, family)
-    model.prune(ActivationNormStructuredConfig(amount=0.25, device="cpu"), calibration_data=_calibration(tokenizer))
-    assert _expert_sizes(model) == (4, 24)
-    gguf_dir = _save_and_convert(model, tokenizer, tmp_path / f"{family}-neurons")
+    config = (ExpertPruningConfig(num_experts_to_keep=3, device="cpu") if removed == "experts"
+              else ActivationNormStructuredConfig(amount=0.25, device="cpu"))
+    model.prune(config, calibration_data=_calibration(tokenizer))
+    assert _expert_sizes(model) == sizes
+    gguf_dir = _save_and_convert(model, tokenizer, tmp_path / f"{family}-{removed}")
     if family == "qwen3_moe":
         _check_qwen3_moe(model, tokenizer, gguf_dir)
     else:
