@@ -304,11 +304,11 @@ RUNTIMES = (("transformers", "AutoModelForCausalLM"), ("vLLM", None), ("llama.cp
 #: as a dense Llama, so its GGUF's sizes and router/expert weights are compared instead.
 LLAMA_CPP_TESTED = {
     "llama": ("Llama", frozenset({"decoder layers", "MLP neurons", "attention heads", "residual-stream channels"}),
-              "the pruned sizes and the same logits"),
+              "into GGUF files with the pruned sizes and the same logits"),
     "qwen3_moe": ("Qwen3-MoE", frozenset({"routed experts", "routed-expert neurons"}),
-                  "the pruned sizes and the same logits"),
+                  "into GGUF files with the pruned sizes and the same logits"),
     "mixtral": ("Mixtral", frozenset({"routed experts", "routed-expert neurons"}),
-                "the pruned sizes and the same router and expert weights"),
+                "into GGUF files with the pruned sizes and the same router and expert weights"),
 }
 
 
@@ -324,18 +324,28 @@ def removed_kinds(chain: list[dict[str, Any]]) -> list[str]:
     return kinds
 
 
-def _llama_cpp_note(model_type: Any, kinds: list[str]) -> str | None:
-    """The llama.cpp row's note: tested when the test converts this family pruned these ways, else expected."""
+#: What ``tests/inference/test_vllm_serving.py`` serves with vLLM: model_type -> (display name, what was removed,
+#: what vLLM was checked to give). SmolLM2 (a Llama) with layers, neurons and heads removed gives transformers'
+#: greedy text; tiny Qwen3-MoE and Llama checkpoints give transformers' log-probability of every prompt token.
+VLLM_TESTED = {
+    "llama": ("Llama", frozenset({"decoder layers", "MLP neurons", "attention heads", "residual-stream channels"}),
+              "with the same output as transformers"),
+    "qwen3_moe": ("Qwen3-MoE", frozenset({"routed experts", "routed-expert neurons"}),
+                  "with the same output as transformers"),
+}
+
+
+def _tested_note(tested: dict, subject: str, verb: str, model_type: Any, kinds: list[str]) -> str | None:
+    """A runtime row's note: tested when the runtime's test runs this family pruned these ways, else expected."""
     if not kinds:
         return None
-    tested = LLAMA_CPP_TESTED.get(model_type)
-    if tested is not None and set(kinds) <= tested[1]:
+    entry = tested.get(model_type)
+    if entry is not None and set(kinds) <= entry[1]:
         listed = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} and {kinds[-1]}"
-        return f"tested: its converter turns tiny {tested[0]} checkpoints with {listed} removed into GGUF files with " \
-               f"{tested[2]}"
-    return ("expected: its converter reads the kept sizes from config.json; tested only on Llama checkpoints "
-            "(layers, neurons, heads, hidden size removed) and Qwen3-MoE and Mixtral checkpoints (experts, "
-            "neurons inside experts removed)")
+        return f"tested: {subject} {verb} tiny {entry[0]} checkpoints with {listed} removed {entry[2]}"
+    families = " and ".join(f"{name} checkpoints ({', '.join(sorted(removed))} removed)"
+                            for name, removed, _ in tested.values())
+    return f"expected: {subject} reads the kept sizes from config.json; tested only on {families}"
 
 
 def runtimes(checkpoint: Checkpoint) -> list[dict[str, Any]]:
@@ -345,8 +355,8 @@ def runtimes(checkpoint: Checkpoint) -> list[dict[str, Any]]:
     config states their sizes (``standard_config``) are ordinary checkpoints of their family:
     every runtime loads them. Compressed checkpoints and those whose layer sizes only the
     pruning record holds load with hf_prune alone. The note of a structured checkpoint says
-    whether loading it in llama.cpp's converter is tested (``LLAMA_CPP_TESTED``) or expected, and
-    that vLLM is not tested on expert-pruned or hidden-size-pruned checkpoints.
+    whether llama.cpp's converter (``LLAMA_CPP_TESTED``) and vLLM (``VLLM_TESTED``) are tested on its family
+    pruned these ways, or expected to load it.
     """
     from ..checkpoint.standard_config import saved_config_is_standard
 
@@ -357,20 +367,16 @@ def runtimes(checkpoint: Checkpoint) -> list[dict[str, Any]]:
     else:
         why = None
     kinds = removed_kinds(checkpoint.chain)
+    model_type = checkpoint.config.get("model_type")
     rows = []
     for name, entry in RUNTIMES:
         ours = name == "hf_prune"
         loads = ours or why is None
         note = None
         if loads and name == "llama.cpp":
-            note = _llama_cpp_note(checkpoint.config.get("model_type"), kinds)
-        elif loads and name == "vLLM":  # the vLLM test serves a Llama with layers, neurons and heads removed
-            if "routed experts" in kinds:
-                note = ("expected: it reads the kept expert count from config.json; not tested on expert-pruned "
-                        "checkpoints")
-            elif "residual-stream channels" in kinds:
-                note = ("expected: it reads the hidden size and head_dim from config.json; not tested on "
-                        "hidden-size-pruned checkpoints")
+            note = _tested_note(LLAMA_CPP_TESTED, "its converter", "turns", model_type, kinds)
+        elif loads and name == "vLLM":
+            note = _tested_note(VLLM_TESTED, "it", "serves", model_type, kinds)
         rows.append({"name": name, "entry": entry, "loads": loads, "why": None if ours else why, "note": note})
     return rows
 

@@ -348,7 +348,10 @@ def test_standard_structured_card_shows_sizes_and_runtimes(token_ids, tmp_path):
     assert architecture["key/value heads per layer"] == ["2", "1"]
     runtimes = {row[0]: row[1] for row in _table_rows(card.text, "| runtime | loads this checkpoint |")}
     llama_cpp = runtimes.pop("llama.cpp (`convert_hf_to_gguf.py`)")
-    assert set(runtimes.values()) == {"yes"} and len(runtimes) == 3
+    vllm = runtimes.pop("vLLM")
+    assert set(runtimes.values()) == {"yes"} and len(runtimes) == 2
+    assert vllm == ("yes (tested: it serves tiny Llama checkpoints with decoder layers, MLP neurons and attention "
+                    "heads removed with the same output as transformers)")
     assert llama_cpp == ("yes (tested: its converter turns tiny Llama checkpoints with decoder layers, MLP neurons "
                          "and attention heads removed into GGUF files with the pruned sizes and the same logits)")
     assert "whole decoder layers and MLP neurons and attention heads were removed" in " ".join(card.text.split())
@@ -388,18 +391,22 @@ def _runtime_notes(directory: Path) -> dict[str, str | None]:
 @pytest.mark.parametrize("family, config, llama_cpp, vllm", [
     # what tests/inference/test_llama_cpp_convert.py converts: tested
     ("qwen3_moe", "neurons", "tested: its converter turns tiny Qwen3-MoE checkpoints with routed-expert neurons "
-                             "removed into GGUF files with the pruned sizes and the same logits", None),
+                             "removed into GGUF files with the pruned sizes and the same logits",
+     "tested: it serves tiny Qwen3-MoE checkpoints with routed-expert neurons removed with the same output as "
+     "transformers"),
     ("mixtral", "experts", "tested: its converter turns tiny Mixtral checkpoints with routed experts removed into "
                            "GGUF files with the pruned sizes and the same router and expert weights", "expected"),
     ("llama", "hidden", "tested: its converter turns tiny Llama checkpoints with residual-stream channels removed "
-                        "into GGUF files with the pruned sizes and the same logits", "expected"),
+                        "into GGUF files with the pruned sizes and the same logits",
+     "tested: it serves tiny Llama checkpoints with residual-stream channels removed with the same output as "
+     "transformers"),
     # families the converter test does not run: expected
     ("qwen3", "hidden", "expected", "expected"),
     ("olmoe", "experts", "expected", "expected"),
     # dense tensors with zeros: nothing to say
     ("llama", "wanda", None, None),
 ])
-def test_runtime_notes_say_what_the_converter_test_covers(family, config, llama_cpp, vllm, token_ids, tmp_path):
+def test_runtime_notes_say_what_the_runtime_tests_cover(family, config, llama_cpp, vllm, token_ids, tmp_path):
     from hf_prune import ActivationNormStructuredConfig, ExpertPruningConfig, HiddenSizeConfig
 
     configs = {"neurons": ActivationNormStructuredConfig(amount=0.25, device="cpu"),
@@ -416,9 +423,10 @@ def test_runtime_notes_say_what_the_converter_test_covers(family, config, llama_
     else:
         assert notes["llama.cpp"] == llama_cpp
     if vllm == "expected":
-        assert notes["vLLM"].startswith("expected: ") and "; not tested on" in notes["vLLM"]
+        assert notes["vLLM"].startswith("expected: it reads the kept sizes from config.json; tested only on Llama "
+                                        "checkpoints")
     else:
-        assert notes["vLLM"] is None
+        assert notes["vLLM"] == vllm
 
 
 def test_card_names_the_neurons_removed_inside_routed_experts(token_ids, tmp_path):

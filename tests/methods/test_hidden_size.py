@@ -64,7 +64,10 @@ def test_plain_reload_gives_the_same_logits(family, token_ids, tmp_path):
     assert str(report).splitlines()[0].startswith("hidden-size pruning: hidden size 32/64")  # no empty layer table
     card = (tmp_path / "out" / "README.md").read_text()
     assert "hidden size 32 of 64" in card and "| 64 | 32 |" in card
-    assert "not tested on hidden-size-pruned checkpoints" in card  # vLLM and llama.cpp: expected from the config
+    if family == "llama":  # tests/inference/test_vllm_serving.py and test_llama_cpp_convert.py run these
+        assert "vLLM | yes (tested: it serves tiny Llama checkpoints with residual-stream channels removed" in card
+    else:
+        assert "vLLM | yes (expected: it reads the kept sizes from config.json; tested only on" in card
 
 
 def test_untied_gemma_embedding_keeps_its_outputs(token_ids):
