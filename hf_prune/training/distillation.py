@@ -72,20 +72,20 @@ class DistillationLosses:
 
 def _chunk_losses(student_head: Callable[[torch.Tensor], torch.Tensor],
                   teacher_head: Callable[[torch.Tensor], torch.Tensor], temperature: float, with_lm: bool,
-                  student_rows: torch.Tensor, teacher_rows: torch.Tensor,
+                  student_rows: torch.Tensor, teacher_rows: torch.Tensor | None,
                   targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed KL (teacher || student, at ``temperature``) and summed cross-entropy of one chunk of rows."""
+    """Summed KL (teacher || student, at ``temperature``; 0 without ``teacher_rows``) and summed cross-entropy
+    of one chunk of rows."""
     logits = student_head(student_rows).float()
+    lm = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") if with_lm else logits.new_zeros(())
+    if teacher_rows is None:
+        return logits.new_zeros(()), lm
     with torch.no_grad():
         teacher_logits = teacher_head(teacher_rows).float().to(logits.device)
         teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
         del teacher_logits
     student_log_probs = F.log_softmax(logits / temperature, dim=-1)
     kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum")
-    if with_lm:
-        lm = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
-    else:
-        lm = logits.new_zeros(())
     return kl, lm
 
 
@@ -93,7 +93,7 @@ def _identity(rows: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def chunked_distillation_losses(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+def chunked_distillation_losses(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor | None,
                                 student_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
                                 teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
                                 temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -105,7 +105,8 @@ def chunked_distillation_losses(student_hidden: torch.Tensor, teacher_hidden: to
         student_hidden: ``[batch, seq, hidden]`` last hidden states of the student (or its
             logits ``[batch, seq, vocab]`` with ``student_head=None``).
         teacher_hidden: the same for the teacher (may sit on another device: each chunk's
-            teacher logits are computed there and moved to the student's device).
+            teacher logits are computed there and moved to the student's device); ``None``:
+            no KL (``kl`` is 0), the LM loss only.
         student_head, teacher_head: hidden state -> logits (the LM heads); ``None``: the
             inputs already are logits.
         temperature: ``T``; the KL is of ``softmax(z / T)`` and is multiplied by ``T²``.
@@ -125,7 +126,7 @@ def chunked_distillation_losses(student_hidden: torch.Tensor, teacher_hidden: to
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     if not temperature > 0 or not math.isfinite(temperature):
         raise ValueError(f"temperature must be a positive number, got {temperature}")
-    if student_hidden.shape[:2] != teacher_hidden.shape[:2]:
+    if teacher_hidden is not None and student_hidden.shape[:2] != teacher_hidden.shape[:2]:
         raise ValueError(f"the student's states {tuple(student_hidden.shape[:2])} and the teacher's "
                          f"{tuple(teacher_hidden.shape[:2])} cover different tokens")
     student_head = student_head or _identity
@@ -133,7 +134,7 @@ def chunked_distillation_losses(student_hidden: torch.Tensor, teacher_hidden: to
     batch, seq = student_hidden.shape[:2]
     device = student_hidden.device
     student_rows = student_hidden.reshape(batch * seq, -1)
-    teacher_rows = teacher_hidden.reshape(batch * seq, -1)
+    teacher_rows = teacher_hidden.reshape(batch * seq, -1) if teacher_hidden is not None else None
     if labels is not None:
         targets = torch.full((batch, seq), -100, dtype=torch.long, device=device)
         targets[:, :-1] = labels[:, 1:].to(device)
@@ -145,7 +146,8 @@ def chunked_distillation_losses(student_hidden: torch.Tensor, teacher_hidden: to
         targets = targets.masked_fill(~keep, -100)
         index = keep.nonzero().squeeze(-1)
         student_rows = student_rows.index_select(0, index)
-        teacher_rows = teacher_rows.index_select(0, index.to(teacher_rows.device))
+        if teacher_rows is not None:
+            teacher_rows = teacher_rows.index_select(0, index.to(teacher_rows.device))
         targets = targets.index_select(0, index)
     tokens = student_rows.shape[0]
     lm_tokens = int((targets != -100).sum())
@@ -154,7 +156,8 @@ def chunked_distillation_losses(student_hidden: torch.Tensor, teacher_hidden: to
     recompute = checkpoint_chunks and torch.is_grad_enabled() and student_rows.requires_grad
     for start in range(0, tokens, chunk_size):
         args = (student_head, teacher_head, float(temperature), labels is not None,
-                student_rows[start:start + chunk_size], teacher_rows[start:start + chunk_size],
+                student_rows[start:start + chunk_size],
+                None if teacher_rows is None else teacher_rows[start:start + chunk_size],
                 targets[start:start + chunk_size])
         if recompute:
             kl, lm = checkpoint(_chunk_losses, *args, use_reentrant=False)
@@ -342,7 +345,8 @@ class DistillationConfig:
     Args:
         temperature: ``T`` of the KL on the logits (scaled by ``T²``).
         lm_weight: ``α`` in ``(1 - α) * KL + α * LM loss``; 0 distils only, 1 is plain
-            fine-tuning (the teacher then serves the hidden-state loss only).
+            fine-tuning (the teacher then serves the hidden-state loss only, and without one
+            it does not run at all).
         hidden_weight: weight of the hidden-state loss added to that (0: not computed).
         layer_map: student decoder layer -> teacher decoder layer for the hidden-state loss
             (default: ``default_layer_map``, from the pruning record after depth pruning).
@@ -376,6 +380,12 @@ class DistillationConfig:
                 raise ValueError("layer_map must map student layer indices to teacher layer indices (non-negative "
                                  f"integers), got {self.layer_map!r}")
 
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether any part of the loss needs the teacher (plain fine-tuning, ``lm_weight=1`` with no
+        hidden-state loss, does not)."""
+        return self.lm_weight < 1 or self.hidden_weight > 0
+
 
 class DistillationTrainer(Trainer):
     """``transformers.Trainer`` that trains the model (the student) to match a teacher.
@@ -394,7 +404,7 @@ class DistillationTrainer(Trainer):
 
         trainer = DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=data,
                                       callbacks=[prepare_for_training(student)])
-        trainer.train()
+        train_output = trainer.train()
     """
 
     def __init__(self, *args: Any, teacher: nn.Module, distillation: DistillationConfig | None = None,
@@ -458,18 +468,24 @@ class DistillationTrainer(Trainer):
             labels = input_ids.masked_fill(attention_mask == 0, -100) if attention_mask is not None else input_ids
         if not self._student_path.checked:
             self._student_path.check(input_ids, attention_mask, "student")
-            self._teacher_path.check(self._teacher_inputs(input_ids), self._teacher_inputs(attention_mask), "teacher")
+            if config.uses_teacher:
+                self._teacher_path.check(self._teacher_inputs(input_ids), self._teacher_inputs(attention_mask),
+                                         "teacher")
         map_items = sorted((self.layer_map or {}).items())
+        teacher_hidden = None
         with capture_layer_outputs(self.teacher, [t for _, t in map_items]) as teacher_states, torch.no_grad():
-            teacher_hidden = self._teacher_path.features(self._teacher_inputs(input_ids),
-                                                         self._teacher_inputs(attention_mask))
+            if config.uses_teacher:  # plain fine-tuning (lm_weight=1, no hidden loss) never runs the teacher
+                teacher_hidden = self._teacher_path.features(self._teacher_inputs(input_ids),
+                                                             self._teacher_inputs(attention_mask))
+        if config.lm_weight == 1:  # the KL weighs nothing: its LM heads and softmaxes are not computed
+            teacher_hidden = None
         with capture_layer_outputs(model, [s for s, _ in map_items]) as student_states:
             student_hidden = self._student_path.features(input_ids, attention_mask)
         losses = chunked_distillation_losses(
             student_hidden, teacher_hidden, self._student_path.head, self._teacher_path.head,
             temperature=config.temperature, chunk_size=config.chunk_size, mask=attention_mask, labels=labels,
         )
-        parts = {"kl": losses.kl}
+        parts = {"kl": losses.kl} if teacher_hidden is not None else {}
         loss = (1 - config.lm_weight) * losses.kl
         if losses.lm is not None:
             parts["lm"] = losses.lm
@@ -576,7 +592,9 @@ class DistillationResult:
 
     ``kl_*`` is the mean per-token KL to the teacher (temperature 1) on ``kl_windows``
     windows of the evaluation text (of the training text when none was given);
-    ``perplexity_*`` is measured on the evaluation text, ``None`` without one.
+    ``perplexity_*`` is measured on the evaluation text, ``None`` without one;
+    ``train_seconds`` is the training's wall time (``Trainer``'s ``train_runtime``), without
+    the measurements before and after.
     """
 
     model: nn.Module = field(repr=False)
@@ -589,6 +607,7 @@ class DistillationResult:
     train_losses: list[float] = field(default_factory=list)
     perplexity_history: list[tuple[int, float]] = field(default_factory=list)
     merge: dict[str, Any] | None = None
+    train_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -752,7 +771,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, tokenizer: Any = 
         arguments.update(training_args or {})
         trainer = DistillationTrainer(model=trained, args=TrainingArguments(**arguments), train_dataset=train_data,
                                       callbacks=callbacks, teacher=teacher, distillation=config)
-        trainer.train()
+        train_output = trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     merge = None
     model = trained
@@ -769,6 +788,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, tokenizer: Any = 
         model=model, steps=steps, tokens=needed * len(train_data[0]["input_ids"]), kl_before=kl_before,
         kl_after=kl_after, perplexity_before=perplexity_before, perplexity_after=perplexity_after,
         train_losses=losses, perplexity_history=list(tracker.history) if tracker else [], merge=merge,
+        train_seconds=train_output.metrics.get("train_runtime"),
     )
     logger.info("%s", result)
     if record:

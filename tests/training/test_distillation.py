@@ -355,6 +355,34 @@ def test_gradient_accumulation_gives_the_same_step(tmp_path):
     assert not torch.equal(results[0].model.layers[0].mlp.up_proj.weight, student.model.layers[0].mlp.up_proj.weight)
 
 
+def test_plain_fine_tuning_never_runs_the_teacher(tmp_path):
+    """lm_weight=1 without a hidden-state loss is the LM loss alone: the step equals one on transformers' own
+    loss, and the teacher's forward is never called (the LM arm of a comparison pays for no teacher)."""
+    teacher = peaked_teacher()
+    student = copy.deepcopy(teacher)
+    student.prune(MagnitudeConfig(sparsity=0.5, device="cpu"))
+    reference = copy.deepcopy(student)
+    rows = token_windows(4)
+    calls = []
+    teacher.model.register_forward_hook(lambda *args: calls.append(1))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1,
+                             per_device_train_batch_size=4, learning_rate=0.1, optim="sgd",
+                             lr_scheduler_type="constant", max_grad_norm=0, save_strategy="no", disable_tqdm=True,
+                             remove_unused_columns=False, seed=0)
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=[{"input_ids": r} for r in rows],
+                                  teacher=teacher, distillation=DistillationConfig(lm_weight=1.0, chunk_size=16))
+    trainer.train()
+    assert calls == []
+    reference.train()
+    reference(input_ids=rows, labels=rows).loss.backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    for a, b in zip(student.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_expert_pruned_student_keeps_its_experts():
     from hf_prune import ExpertPruningConfig
 
