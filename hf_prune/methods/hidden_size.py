@@ -36,12 +36,11 @@ from ..engine.offload import is_offloaded
 from ..engine.statistics import InputStatistics, StatKind
 from ..errors import PruningConfigError, UnsupportedArchitectureError
 from ..report import count_parameters
-from ..surgery.geometry import attention_geometry
 from ..surgery.hidden import (
     check_hidden_pruning,
-    coupled_attention,
     final_norms,
     hidden_config_key,
+    hidden_size_multiple,
     layer_norms,
     prune_hidden,
 )
@@ -108,13 +107,15 @@ class HiddenSizeConfig(PruningConfig):
 
     def channels_to_keep(self, hidden: int, multiple: int = 1) -> int:
         """How many of ``hidden`` channels this config keeps; a multiple of ``multiple`` (the head count where
-        the head width is ``hidden_size / heads``)."""
+        the head width is ``hidden_size / heads`` or the config requires the heads to divide the hidden size:
+        ``hf_prune.surgery.hidden.hidden_size_multiple``)."""
         if self.hidden_size is not None:
             if self.hidden_size > hidden:
                 raise ValueError(f"hidden_size={self.hidden_size} exceeds the model's hidden size {hidden}")
             if self.hidden_size % multiple:
                 raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of {multiple}, the model's "
-                                 "attention heads (its head width is hidden_size / heads)")
+                                 "attention heads (its head width is hidden_size / heads, or its config refuses a "
+                                 "hidden size they do not divide)")
             return self.hidden_size
         step = math.lcm(self.round_to, multiple)
         kept = step * math.floor((hidden - hidden * self.amount) / step + 0.5)
@@ -161,7 +162,7 @@ class HiddenSizePruner(LayerPruner):
         if not isinstance(hidden, int):
             raise UnsupportedArchitectureError(f"{type(model.config).__name__} has no hidden_size")
         try:
-            multiple = attention_geometry(layout, 0).heads if coupled_attention(layout) else 1
+            multiple = hidden_size_multiple(layout)
         except UnsupportedArchitectureError as err:
             raise UnsupportedArchitectureError(f"hidden-size pruning needs one dense MLP and one multi-head attention "
                                                f"in every decoder layer (no mixture of experts or hybrid layers): "

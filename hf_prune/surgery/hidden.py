@@ -74,6 +74,29 @@ def coupled_attention(layout: DecoderLayout) -> bool:
     return layout.model_type in COUPLED_ATTENTION
 
 
+def _config_accepts_hidden_size(config: PretrainedConfig, hidden: int) -> bool:
+    try:
+        type(config).from_dict({**config.to_dict(), hidden_config_key(config): hidden})
+    except (ValueError, TypeError, StrictDataclassError):
+        return False
+    return True
+
+
+def hidden_size_multiple(layout: DecoderLayout) -> int:
+    """What the kept hidden size must be a multiple of: the attention heads where the head width is
+    ``hidden_size / heads`` (GPT-2, OPT) or where the family's config refuses a hidden size they do not
+    divide (transformers 5's Llama and others validate it even with an explicit ``head_dim``); else 1."""
+    heads = attention_geometry(layout, 0).heads
+    if heads <= 1 or coupled_attention(layout):
+        return max(heads, 1)
+    config = layout.model.config
+    hidden = int(layout.hidden_size)
+    if hidden % heads == 0 and not _config_accepts_hidden_size(config, hidden - 1) \
+            and _config_accepts_hidden_size(config, hidden - heads):
+        return heads
+    return 1
+
+
 def layer_norms(layout: DecoderLayout, index: int) -> list[nn.Module]:
     """The norms of layer ``index`` on the residual stream: its direct children with a 1-D weight of the
     hidden size (input/post-attention norms, Gemma's pre/post-feedforward norms; not q/k norms)."""

@@ -198,3 +198,17 @@ def test_cli_prunes_to_a_budget(tmp_path, capsys):
     assert "budget: " in printed and f"{search['kept_params']:,} of {search['dense_params']:,}" in printed
     assert abs(search["kept_params"] - search["target_params"]) <= search["rounding_unit"]
     assert json.loads((out / "config.json").read_text())["pruning_config"]["budget_search"] == search
+
+
+def test_hidden_size_candidates_respect_a_config_that_wants_the_heads_to_divide_it(windows):
+    """SmolLM2's 9 heads: LlamaConfig refuses a hidden size they do not divide, so the hidden axis moves in steps
+    of lcm(round_to, heads) and its candidates are pruned and scored, not skipped."""
+    base = tiny_model("llama", layers=3)
+    values = base.config.to_dict() | dict(num_attention_heads=3, num_key_value_heads=1, head_dim=16, hidden_size=72)
+    torch.manual_seed(0)
+    model = AutoPrunedModelForCausalLM.from_config(type(base.config).from_dict(values)).eval()
+    model.prune(BudgetConfig(target_params=0.5, mixes=[[0.0, 0.0, 1.0]], device="cpu"), calibration_data=windows)
+    candidates = model.config.pruning_config["budget_search"]["candidates"]
+    assert all(c["skipped"] is None and c["kl"] is not None for c in candidates), candidates
+    assert all(c["hidden_size"] < 72 and c["hidden_size"] % 24 == 0 for c in candidates), candidates
+    assert model.config.hidden_size % 3 == 0

@@ -15,7 +15,7 @@ from hf_prune.checkpoint.record import validate_record
 from hf_prune.checkpoint.standard_config import saved_config_is_standard
 from hf_prune.cli import main
 from hf_prune.errors import PruningConfigError, PruningRecordError, UnsupportedArchitectureError
-from hf_prune.surgery.hidden import _shrink_heads, final_norms, layer_norms
+from hf_prune.surgery.hidden import _shrink_heads, final_norms, hidden_size_multiple, layer_norms
 from hf_prune.walker.layout import DecoderLayout
 
 PROBE = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -267,3 +267,26 @@ def test_hidden_size_then_neurons_and_layers_stay_standard(token_ids, tmp_path):
     assert torch.allclose(_logits(plain), expected, atol=1e-5)
     ours = AutoPrunedModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert torch.allclose(_logits(ours), expected, atol=1e-5)
+
+
+def test_kept_size_is_a_multiple_of_the_heads_where_the_config_requires_it(token_ids, tmp_path):
+    """transformers 5's LlamaConfig refuses a hidden size its heads do not divide, even with an explicit head_dim
+    (SmolLM2 has 9 heads): the kept size is rounded to lcm(round_to, heads), here 24, and reloads plainly."""
+    values = tiny_config("llama").to_dict() | dict(num_attention_heads=3, num_key_value_heads=1, head_dim=16,
+                                                 hidden_size=72)
+    config = type(tiny_config("llama")).from_dict(values)
+    torch.manual_seed(0)
+    model = AutoPrunedModelForCausalLM.from_config(config).eval()
+    layout = DecoderLayout(model)
+    assert hidden_size_multiple(layout) == 3
+    model.prune(HiddenSizeConfig(amount=0.4, device="cpu"), calibration_data=token_ids)  # 43.2 kept -> 48, not 40
+    assert model.config.hidden_size == 48
+    expected = _logits(model)
+    model.save_pretrained(tmp_path / "out")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(_logits(plain), expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(PruningConfigError, match="multiple of 3"):
+        AutoPrunedModelForCausalLM.from_config(config).prune(HiddenSizeConfig(hidden_size=40, device="cpu"),
+                                                             calibration_data=token_ids)
+    assert hidden_size_multiple(DecoderLayout(tiny_model("llama"))) == 4  # 4 heads, hidden 64
+    assert hidden_size_multiple(DecoderLayout(tiny_model("gpt2"))) == 4  # coupled: head width is hidden / heads

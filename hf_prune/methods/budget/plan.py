@@ -21,7 +21,7 @@ from torch import nn
 
 from ...errors import UnsupportedArchitectureError
 from ...surgery.geometry import attention_geometry, operator
-from ...surgery.hidden import coupled_attention, prune_hidden
+from ...surgery.hidden import coupled_attention, hidden_size_multiple, prune_hidden
 from ...surgery.layers import remove_layers
 from ...surgery.shrink import shrink_attention, shrink_mlp
 from ...walker.layout import DecoderLayout
@@ -171,12 +171,13 @@ class BudgetPlanner:
                 f"({err}); dense decoder-only families are supported") from None
         try:
             self.kv_heads = max(attention_geometry(layout, i).kv_heads for i in range(self.layers))
-            heads = attention_geometry(layout, 0).heads
         except UnsupportedArchitectureError as err:
             self.unavailable["heads"] = str(err)
-            heads = 1
         self.coupled = coupled_attention(layout)
-        self.hidden_step = math.lcm(self.round_to, heads if self.coupled else 1)
+        try:
+            self.hidden_step = math.lcm(self.round_to, hidden_size_multiple(layout))
+        except UnsupportedArchitectureError:
+            self.hidden_step = self.round_to  # the hidden axis is probed below and marked unavailable
         probes = {"depth": (Shape(layers_removed=1), self.layers > 1, "the model has one decoder layer"),
                   "heads": (Shape(head_amount=1 / max(self.kv_heads, 1)), self.kv_heads > 1,
                             "every layer has a single KV group"),
