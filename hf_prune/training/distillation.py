@@ -14,8 +14,8 @@ The student (the pruned model) is trained to match the teacher's next-token dist
 Memory: the logits are never materialised for the whole batch. Both models are run up to
 their last hidden state; the KL (and the LM loss) are then computed over chunks of
 ``chunk_size`` tokens, each chunk applying the LM heads, so only ``[chunk x vocab]`` logits of
-each model exist at once. The student's chunks run under activation checkpointing, so the
-backward pass recomputes a chunk's logits instead of keeping them: a 150k-vocabulary model
+each model exist at once (``losses.chunked_distillation_losses``). The gradient of each chunk is
+taken as soon as its loss is known, so the backward pass recomputes nothing: a 150k-vocabulary model
 never holds ``[tokens x vocab]`` (let alone twice). Before the first step each model's
 "hidden state -> LM head" path is checked against its own ``forward`` on one sequence; a
 model whose forward transforms the logits in a way hf_prune does not know (beyond Gemma's
@@ -34,171 +34,27 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
 from ..walker.discovery import find_decoder_layers
 from ..walker.layout import unwrap_model
+from .losses import (
+    DEFAULT_CHUNK_SIZE,
+    chunked_distillation_losses,
+    hidden_state_loss,
+)
 from .masks import pruning_record
 
 logger = logging.get_logger(__name__)
-
-#: tokens per chunk of the KL: [chunk x vocab] fp32 logits of each model exist at once
-DEFAULT_CHUNK_SIZE = 1024
-
-
-# --------------------------------------------------------------------------- losses
-
-
-@dataclass
-class DistillationLosses:
-    """Means over the counted tokens: ``kl`` (times ``T²``), ``lm`` (next-token cross-entropy, ``None``
-    when not asked for) and how many tokens each counted."""
-
-    kl: torch.Tensor
-    lm: torch.Tensor | None
-    tokens: int
-    lm_tokens: int
-
-
-def _chunk_losses(student_head: Callable[[torch.Tensor], torch.Tensor],
-                  teacher_head: Callable[[torch.Tensor], torch.Tensor], temperature: float, with_lm: bool,
-                  student_rows: torch.Tensor, teacher_rows: torch.Tensor | None,
-                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed KL (teacher || student, at ``temperature``; 0 without ``teacher_rows``) and summed cross-entropy
-    of one chunk of rows."""
-    logits = student_head(student_rows).float()
-    lm = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") if with_lm else logits.new_zeros(())
-    if teacher_rows is None:
-        return logits.new_zeros(()), lm
-    with torch.no_grad():
-        teacher_logits = teacher_head(teacher_rows).float().to(logits.device)
-        teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
-        del teacher_logits
-    student_log_probs = F.log_softmax(logits / temperature, dim=-1)
-    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum")
-    return kl, lm
-
-
-def _identity(rows: torch.Tensor) -> torch.Tensor:
-    return rows
-
-
-def chunked_distillation_losses(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor | None,
-                                student_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                                teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
-                                temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                                mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                                checkpoint_chunks: bool = True) -> DistillationLosses:
-    """KL of the student to the teacher (and optionally the LM loss), ``chunk_size`` tokens at a time.
-
-    Args:
-        student_hidden: ``[batch, seq, hidden]`` last hidden states of the student (or its
-            logits ``[batch, seq, vocab]`` with ``student_head=None``).
-        teacher_hidden: the same for the teacher (may sit on another device: each chunk's
-            teacher logits are computed there and moved to the student's device); ``None``:
-            no KL (``kl`` is 0), the LM loss only.
-        student_head, teacher_head: hidden state -> logits (the LM heads); ``None``: the
-            inputs already are logits.
-        temperature: ``T``; the KL is of ``softmax(z / T)`` and is multiplied by ``T²``.
-        chunk_size: tokens per chunk; ``[chunk_size x vocab]`` fp32 logits of each model
-            exist at once.
-        mask: ``[batch, seq]``, nonzero for the tokens that count (default: all).
-        labels: ``[batch, seq]`` token ids (``-100`` ignored), shifted inside as the causal
-            LM loss does (position ``t`` predicts ``labels[t + 1]``); ``None``: no LM loss.
-        checkpoint_chunks: recompute each chunk's logits in backward instead of keeping them
-            (only when gradients are being recorded).
-
-    Returns:
-        ``DistillationLosses`` whose ``kl`` is ``T² * mean KL`` over the counted tokens and
-        whose ``lm`` is the mean cross-entropy over the predicted tokens.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a positive number, got {temperature}")
-    if teacher_hidden is not None and student_hidden.shape[:2] != teacher_hidden.shape[:2]:
-        raise ValueError(f"the student's states {tuple(student_hidden.shape[:2])} and the teacher's "
-                         f"{tuple(teacher_hidden.shape[:2])} cover different tokens")
-    student_head = student_head or _identity
-    teacher_head = teacher_head or _identity
-    batch, seq = student_hidden.shape[:2]
-    device = student_hidden.device
-    student_rows = student_hidden.reshape(batch * seq, -1)
-    teacher_rows = teacher_hidden.reshape(batch * seq, -1) if teacher_hidden is not None else None
-    if labels is not None:
-        targets = torch.full((batch, seq), -100, dtype=torch.long, device=device)
-        targets[:, :-1] = labels[:, 1:].to(device)
-        targets = targets.reshape(-1)
-    else:
-        targets = torch.full((batch * seq,), -100, dtype=torch.long, device=device)
-    if mask is not None:
-        keep = mask.reshape(-1).to(device) != 0
-        targets = targets.masked_fill(~keep, -100)
-        index = keep.nonzero().squeeze(-1)
-        student_rows = student_rows.index_select(0, index)
-        if teacher_rows is not None:
-            teacher_rows = teacher_rows.index_select(0, index.to(teacher_rows.device))
-        targets = targets.index_select(0, index)
-    tokens = student_rows.shape[0]
-    lm_tokens = int((targets != -100).sum())
-    kl_total = student_rows.new_zeros((), dtype=torch.float32)
-    lm_total = student_rows.new_zeros((), dtype=torch.float32)
-    recompute = checkpoint_chunks and torch.is_grad_enabled() and student_rows.requires_grad
-    for start in range(0, tokens, chunk_size):
-        args = (student_head, teacher_head, float(temperature), labels is not None,
-                student_rows[start:start + chunk_size],
-                None if teacher_rows is None else teacher_rows[start:start + chunk_size],
-                targets[start:start + chunk_size])
-        if recompute:
-            kl, lm = checkpoint(_chunk_losses, *args, use_reentrant=False)
-        else:
-            kl, lm = _chunk_losses(*args)
-        kl_total = kl_total + kl
-        lm_total = lm_total + lm
-    kl_mean = kl_total * temperature**2 / max(tokens, 1)
-    lm_mean = lm_total / max(lm_tokens, 1) if labels is not None else None
-    return DistillationLosses(kl_mean, lm_mean, tokens, lm_tokens)
-
-
-def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-                  mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Unchunked reference: ``T² * mean over tokens of KL(softmax(z_t / T) || softmax(z_s / T))``."""
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float().to(student.device) / temperature, dim=-1)
-    per_token = (teacher.exp() * (teacher - student)).sum(-1)
-    if mask is not None:
-        keep = mask.to(per_token.device) != 0
-        return per_token[keep].mean() * temperature**2
-    return per_token.mean() * temperature**2
-
-
-def hidden_state_loss(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],
-                      mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over layer pairs of ``mean((s - t)²) / mean(t²)`` over the counted tokens."""
-    losses = []
-    for student, teacher in zip(student_states, teacher_states):
-        teacher = teacher.to(student.device, torch.float32)
-        student = student.float()
-        error = (student - teacher).pow(2).mean(-1)
-        scale = teacher.pow(2).mean(-1)
-        if mask is not None:
-            keep = mask.to(student.device) != 0
-            error, scale = error[keep], scale[keep]
-        losses.append(error.mean() / scale.mean().clamp_min(1e-12))
-    if not losses:
-        raise ValueError("no layer pairs to compare")
-    return torch.stack(losses).mean()
-
 
 # --------------------------------------------------------------------------- running the models
 
@@ -484,12 +340,12 @@ class DistillationTrainer(Trainer):
         losses = chunked_distillation_losses(
             student_hidden, teacher_hidden, self._student_path.head, self._teacher_path.head,
             temperature=config.temperature, chunk_size=config.chunk_size, mask=attention_mask, labels=labels,
+            kl_weight=1 - config.lm_weight, lm_weight=config.lm_weight,
         )
         parts = {"kl": losses.kl} if teacher_hidden is not None else {}
-        loss = (1 - config.lm_weight) * losses.kl
+        loss = losses.loss
         if losses.lm is not None:
             parts["lm"] = losses.lm
-            loss = loss + config.lm_weight * losses.lm
         if map_items:
             parts["hidden"] = hidden_state_loss(student_states, teacher_states, attention_mask)  # type: ignore[arg-type]
             loss = loss + config.hidden_weight * parts["hidden"]
@@ -521,9 +377,10 @@ class DistillationTrainer(Trainer):
 class PerplexityCallback(TrainerCallback):
     """Measures the model's perplexity every ``every`` optimizer steps and logs it (``eval_perplexity``).
 
-    ``history`` holds ``(step, perplexity)``. A ``DistillationTrainer`` given this callback
-    logs through ``Trainer.log`` (progress bar, ``report_to`` integrations); otherwise the
-    value is logged with transformers' logger and added to ``state.log_history``.
+    ``history`` holds ``(step, perplexity)`` and ``seconds`` the time the measurements took. A
+    ``DistillationTrainer`` given this callback logs through ``Trainer.log`` (progress bar,
+    ``report_to`` integrations); otherwise the value is logged with transformers' logger and
+    added to ``state.log_history``.
     """
 
     def __init__(self, tokenizer: Any, text: Any, every: int, seq_len: int = 512, max_windows: int | None = 16) -> None:
@@ -535,6 +392,7 @@ class PerplexityCallback(TrainerCallback):
         self.seq_len = seq_len
         self.max_windows = max_windows
         self.history: list[tuple[int, float]] = []
+        self.seconds = 0.0  # spent measuring, inside the Trainer's runtime
         self.trainer: Trainer | None = None
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -543,7 +401,9 @@ class PerplexityCallback(TrainerCallback):
             return
         from ..data.evaluation import evaluate_perplexity
 
+        start = time.perf_counter()
         value = evaluate_perplexity(unwrap_model(model), self.tokenizer, self.text, self.seq_len, self.max_windows)
+        self.seconds += time.perf_counter() - start
         self.history.append((state.global_step, value))
         if self.trainer is not None:
             self.trainer.log({"eval_perplexity": round(value, 4)})
@@ -594,7 +454,8 @@ class DistillationResult:
     windows of the evaluation text (of the training text when none was given);
     ``perplexity_*`` is measured on the evaluation text, ``None`` without one;
     ``train_seconds`` is the training's wall time (``Trainer``'s ``train_runtime``), without
-    the measurements before and after.
+    the measurements before and after nor the perplexities taken every ``eval_every`` steps
+    (``eval_seconds``).
     """
 
     model: nn.Module = field(repr=False)
@@ -608,6 +469,7 @@ class DistillationResult:
     perplexity_history: list[tuple[int, float]] = field(default_factory=list)
     merge: dict[str, Any] | None = None
     train_seconds: float | None = None
+    eval_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -620,6 +482,13 @@ class DistillationResult:
         if self.perplexity_before is not None and self.perplexity_after is not None:
             text += f", perplexity {self.perplexity_before:.3f} -> {self.perplexity_after:.3f}"
         return text
+
+
+def _training_seconds(runtime: float | None, tracker: PerplexityCallback | None) -> float | None:
+    """The Trainer's runtime less the perplexity measurements taken during training."""
+    if runtime is None:
+        return None
+    return max(runtime - (tracker.seconds if tracker is not None else 0.0), 0.0)
 
 
 def training_windows(data: Any, tokenizer: Any, seq_len: int, count: int) -> list[dict[str, torch.Tensor]]:
@@ -788,7 +657,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, tokenizer: Any = 
         model=model, steps=steps, tokens=needed * len(train_data[0]["input_ids"]), kl_before=kl_before,
         kl_after=kl_after, perplexity_before=perplexity_before, perplexity_after=perplexity_after,
         train_losses=losses, perplexity_history=list(tracker.history) if tracker else [], merge=merge,
-        train_seconds=train_output.metrics.get("train_runtime"),
+        train_seconds=_training_seconds(train_output.metrics.get("train_runtime"), tracker),
+        eval_seconds=tracker.seconds if tracker else 0.0,
     )
     logger.info("%s", result)
     if record:

@@ -24,10 +24,8 @@ from hf_prune.training.callback import prepare_for_training
 from hf_prune.training.distillation import (
     DistillationConfig,
     DistillationTrainer,
-    chunked_distillation_losses,
     default_layer_map,
     evaluate_kl,
-    kl_divergence,
 )
 from hf_prune.walker.layout import decoder_operators
 
@@ -48,53 +46,6 @@ def token_windows(count=32, seq_len=32, seed=0):
 
 
 # ---------------------------------------------------------------- the loss
-
-
-@pytest.mark.parametrize("temperature", [1.0, 2.5])
-@pytest.mark.parametrize("chunk_size", [1, 7, 64, 10_000])
-def test_chunked_kl_equals_unchunked(temperature, chunk_size):
-    gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(3, 11, 16, generator=gen, requires_grad=True)
-    teacher_hidden = torch.randn(3, 11, 16, generator=gen)
-    head = torch.nn.Linear(16, 50)
-    teacher_head = torch.nn.Linear(16, 50)
-    mask = torch.ones(3, 11, dtype=torch.long)
-    mask[1, 8:] = 0
-    reference = kl_divergence(head(hidden), teacher_head(teacher_hidden), temperature, mask)
-    (expected,) = torch.autograd.grad(reference, hidden)
-    losses = chunked_distillation_losses(hidden, teacher_hidden, head, teacher_head, temperature=temperature,
-                                         chunk_size=chunk_size, mask=mask)
-    (grad,) = torch.autograd.grad(losses.kl, hidden)
-    assert losses.tokens == 30
-    torch.testing.assert_close(losses.kl, reference, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-7)
-
-
-def test_chunked_lm_loss_is_the_shifted_cross_entropy():
-    gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(2, 9, 30, generator=gen)
-    labels = torch.randint(0, 30, (2, 9), generator=gen)
-    labels[0, 4] = -100
-    losses = chunked_distillation_losses(logits, logits.clone(), temperature=1.0, chunk_size=5, labels=labels)
-    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 30), labels[:, 1:].reshape(-1))
-    torch.testing.assert_close(losses.lm, expected)
-    assert float(losses.kl) == pytest.approx(0.0, abs=1e-6)  # the same distributions
-
-
-def test_kl_chunks_hold_only_chunk_logits():
-    """Only [chunk x vocab] logits are alive at once: a head that records its output sizes sees chunks."""
-    seen = []
-    linear = torch.nn.Linear(8, 1000)
-
-    def head(rows):
-        out = linear(rows)
-        seen.append(out.shape[0])
-        return out
-
-    hidden = torch.randn(4, 64, 8, requires_grad=True)
-    losses = chunked_distillation_losses(hidden, torch.randn(4, 64, 8), head, head, chunk_size=32)
-    losses.kl.backward()
-    assert max(seen) == 32
 
 
 def test_config_checks():
@@ -224,6 +175,24 @@ def test_perplexity_every_n_steps_and_evaluate_kl():
     assert result.kl_after == pytest.approx(evaluate_kl(student, teacher, token_windows_of(tokenizer, text)), rel=1e-4)
     entry = student.config.pruning_config["distillation"]
     assert entry["data"] == "text" and entry["eval_windows"] == 4
+
+
+def test_training_time_leaves_out_the_perplexities_taken_during_training(monkeypatch):
+    from types import SimpleNamespace
+
+    import hf_prune.training.distillation as distillation
+
+    ticks = iter(range(0, 10**6, 1000))  # each reading of the measuring clock is 1000 s after the last
+    monkeypatch.setattr(distillation, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    tokenizer = tiny_tokenizer()
+    teacher = peaked_teacher()
+    student = copy.deepcopy(teacher)
+    text = " ".join(f"word{i} and some more text {i * 7}" for i in range(200))
+    result = distill(student, teacher, text, tokenizer, eval_text=text, eval_every=4, eval_seq_len=32,
+                     eval_windows=2, kl_windows=2, **STEPS)
+    assert len(result.perplexity_history) == 3
+    assert result.eval_seconds == 3000.0  # three measurements of 1000 s by that clock
+    assert result.train_seconds == 0.0  # the Trainer's real runtime, far under 3000 s, less the measurements
 
 
 def token_windows_of(tokenizer, text, seq_len=32, count=4):
