@@ -52,6 +52,10 @@ def _identity(rows: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def _shares_memory(tensor: torch.Tensor, other: torch.Tensor) -> bool:
+    return tensor.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
+
+
 def _trainable_leaves(output: torch.Tensor, rows: torch.Tensor) -> list[torch.Tensor]:
     """The tensors requiring grad that ``output`` was computed from, other than ``rows`` (the head's
     parameters: a tied embedding, a LoRA adapter's matrices...)."""
@@ -95,37 +99,58 @@ class _Chunks:
     def sums(self, logits: torch.Tensor, start: int, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor,
                                                                              torch.Tensor | None]:
         """Summed KL and cross-entropy of the chunk at ``start`` given its student ``logits``, and the gradient
-        of ``kl_scale * KL + lm_scale * CE`` with respect to those logits (``None`` unless ``with_grad``)."""
+        of ``kl_scale * KL + lm_scale * CE`` with respect to those logits (``None`` unless ``with_grad``).
+
+        Works in place wherever the tensor is its own: on a CPU a new ``[chunk x vocab]`` tensor costs more
+        (fresh pages from the system) than the arithmetic on it.
+        """
         end = start + logits.shape[0]
-        z = logits.detach().float()
+        z = logits.detach().float()  # never written: the head's backward may need its output
         temperature = self.temperature
         kl = z.new_zeros(())
         lm = z.new_zeros(())
         grad = None
+        student_log_probs = None  # log_softmax(z / T), when the KL needs it
+        teacher_probs = None
         if self.teacher_rows is not None:
             with torch.no_grad():
-                teacher_logits = self.teacher_head(self.teacher_rows[start:end]).float().to(z.device)
-                teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
-                del teacher_logits
-            student_log_probs = F.log_softmax(z / temperature, dim=-1)
-            teacher_probs = teacher_log_probs.exp()
-            kl = (teacher_probs * (teacher_log_probs - student_log_probs)).sum()
+                rows = self.teacher_rows[start:end]
+                teacher_z = self.teacher_head(rows).to(z.device, torch.float32)
+                if _shares_memory(teacher_z, rows):  # no head: the caller's logits, not ours to write
+                    teacher_z = teacher_z.clone()
+                if temperature != 1:
+                    teacher_z.div_(temperature)
+                teacher_log_probs = F.log_softmax(teacher_z, dim=-1)
+                teacher_probs = torch.exp(teacher_log_probs, out=teacher_z)
+            student_log_probs = F.log_softmax(z if temperature == 1 else z / temperature, dim=-1)
+            kl = teacher_log_probs.sub_(student_log_probs).mul_(teacher_probs).sum()
             del teacher_log_probs
-            if with_grad and self.kl_scale:  # d KL / d z = (q - p) / T, times T² / tokens * weight
-                grad = student_log_probs.exp_().sub_(teacher_probs).mul_(self.kl_scale / temperature)
-            del student_log_probs, teacher_probs
+        targets = counted = log_probs = None
+        shared = False  # the CE's log-softmax is the KL's (at T = 1)
         if self.with_lm:
-            targets = self.targets[start:end]
-            counted = targets != -100
-            log_probs = F.log_softmax(z, dim=-1)
-            lm = -(log_probs.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1) * counted).sum()
-            if with_grad and self.lm_scale:  # d CE / d z = softmax - one_hot, on the counted rows
-                probs = log_probs.exp_()
-                probs[torch.arange(len(targets), device=z.device), targets.clamp_min(0)] -= 1
-                probs.mul_(counted.unsqueeze(1) * self.lm_scale)
-                grad = probs if grad is None else grad.add_(probs)
-            del log_probs
-        if with_grad and grad is None:
+            targets = self.targets[start:end].clamp_min(0)
+            counted = self.targets[start:end] != -100
+            shared = student_log_probs is not None and temperature == 1
+            log_probs = student_log_probs if shared else F.log_softmax(z, dim=-1)
+            lm = -(log_probs.gather(1, targets.unsqueeze(1)).squeeze(1) * counted).sum()
+        if not with_grad:
+            return kl, lm, None
+        kl_coef = self.kl_scale / temperature if teacher_probs is not None else 0.0  # d KL / d z = (q - p) / T
+        lm_coef = self.lm_scale if self.with_lm else 0.0  # d CE / d z = softmax(z) - one_hot, counted rows
+        if teacher_probs is not None and kl_coef:
+            grad = student_log_probs.exp_()
+            if lm_coef and shared:  # softmax(z) serves both: (kl + lm * counted) * p - kl * q - lm * one_hot
+                grad.mul_((kl_coef + lm_coef * counted).unsqueeze(1)).sub_(teacher_probs, alpha=kl_coef)
+                lm_coef = 0.0
+                grad[torch.arange(len(targets), device=z.device), targets] -= self.lm_scale * counted
+            else:
+                grad.sub_(teacher_probs).mul_(kl_coef)
+        if lm_coef:  # log_probs is still the CE's own (the KL's gradient, if any, did not take it)
+            probs = log_probs.exp_()
+            probs[torch.arange(len(targets), device=z.device), targets] -= 1
+            probs.mul_(counted.unsqueeze(1) * lm_coef)
+            grad = probs if grad is None else grad.add_(probs)
+        if grad is None:
             grad = torch.zeros_like(z)
         return kl, lm, grad
 
@@ -175,6 +200,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, loss_grad: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (rows_grad,) = ctx.saved_tensors
+        if loss_grad.numel() == 1 and float(loss_grad) == 1.0:  # the usual loss.backward(): nothing to scale
+            return (None, rows_grad, *ctx.leaves_grad)
         leaves_grad = [None if grad is None else grad * loss_grad.to(grad.dtype) for grad in ctx.leaves_grad]
         return (None, rows_grad * loss_grad.to(rows_grad.dtype), *leaves_grad)
 

