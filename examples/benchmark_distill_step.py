@@ -25,7 +25,8 @@ from transformers import AutoTokenizer
 from hf_prune import AutoPrunedModelForCausalLM
 from hf_prune.data.bundled import smollm2_location
 from hf_prune.data.evaluation import evaluation_windows
-from hf_prune.training.distillation import LogitsPath, chunked_distillation_losses
+from hf_prune.training.distillation import LogitsPath
+from hf_prune.training.losses import chunked_distillation_losses
 
 
 def timed_step(student: torch.nn.Module, teacher: torch.nn.Module | None, input_ids: torch.Tensor) -> list[float]:
@@ -44,11 +45,8 @@ def timed_step(student: torch.nn.Module, teacher: torch.nn.Module | None, input_
         student_hidden, teacher_hidden, student_path.head, teacher_path.head if teacher_path else None,
         labels=None if teacher is not None else input_ids,
     )
-    loss = getattr(losses, "loss", None)  # releases before the fused gradient return kl and lm only
-    if loss is None:
-        loss = losses.kl if teacher is not None else losses.lm
     marks.append(time.perf_counter())
-    loss.backward()
+    losses.loss.backward()
     marks.append(time.perf_counter())
     student.zero_grad(set_to_none=True)
     return [b - a for a, b in zip(marks, marks[1:])]

