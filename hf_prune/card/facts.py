@@ -299,15 +299,16 @@ RUNTIMES = (("transformers", "AutoModelForCausalLM"), ("vLLM", None), ("llama.cp
             ("hf_prune", "AutoPrunedModelForCausalLM"))
 
 #: What ``tests/inference/test_llama_cpp_convert.py`` runs through llama.cpp's ``convert_hf_to_gguf.py``:
-#: model_type -> (display name, what was removed from its tiny standard checkpoints, what the GGUF was checked
-#: to give). Llama and Qwen3-MoE GGUFs are loaded back in transformers; transformers reads llama.cpp's Mixtral
-#: as a dense Llama, so its GGUF's sizes and router/expert weights are compared instead.
+#: model_type -> (the cases: which checkpoints and what was removed from them, what the GGUF was checked to
+#: give). Llama and Qwen3-MoE GGUFs are loaded back in transformers; transformers reads llama.cpp's Mixtral as a
+#: dense Llama, so its GGUF's sizes and router/expert weights are compared instead.
 LLAMA_CPP_TESTED = {
-    "llama": ("Llama", frozenset({"decoder layers", "MLP neurons", "attention heads", "residual-stream channels"}),
+    "llama": ((("tiny Llama", frozenset({"decoder layers", "MLP neurons", "attention heads",
+                                         "residual-stream channels"})),),
               "into GGUF files with the pruned sizes and the same logits"),
-    "qwen3_moe": ("Qwen3-MoE", frozenset({"routed experts", "routed-expert neurons"}),
+    "qwen3_moe": ((("tiny Qwen3-MoE", frozenset({"routed experts", "routed-expert neurons"})),),
                   "into GGUF files with the pruned sizes and the same logits"),
-    "mixtral": ("Mixtral", frozenset({"routed experts", "routed-expert neurons"}),
+    "mixtral": ((("tiny Mixtral", frozenset({"routed experts", "routed-expert neurons"})),),
                 "into GGUF files with the pruned sizes and the same router and expert weights"),
 }
 
@@ -324,15 +325,20 @@ def removed_kinds(chain: list[dict[str, Any]]) -> list[str]:
     return kinds
 
 
-#: What ``tests/inference/test_vllm_serving.py`` serves with vLLM: model_type -> (display name, what was removed,
-#: what vLLM was checked to give). SmolLM2 (a Llama) with layers, neurons and heads removed gives transformers'
-#: greedy text; tiny Qwen3-MoE and Llama checkpoints give transformers' log-probability of every prompt token.
+#: What ``tests/inference/test_vllm_serving.py`` serves with vLLM, in the same form: SmolLM2-135M (a Llama)
+#: with layers, neurons and heads removed gives transformers' greedy text; tiny Qwen3-MoE and Llama checkpoints
+#: give transformers' log-probability of every prompt token.
 VLLM_TESTED = {
-    "llama": ("Llama", frozenset({"decoder layers", "MLP neurons", "attention heads", "residual-stream channels"}),
+    "llama": ((("SmolLM2-135M (a Llama)", frozenset({"decoder layers", "MLP neurons", "attention heads"})),
+               ("tiny Llama", frozenset({"residual-stream channels"}))),
               "with the same output as transformers"),
-    "qwen3_moe": ("Qwen3-MoE", frozenset({"routed experts", "routed-expert neurons"}),
+    "qwen3_moe": ((("tiny Qwen3-MoE", frozenset({"routed experts", "routed-expert neurons"})),),
                   "with the same output as transformers"),
 }
+
+
+def _listed(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
 def _tested_note(tested: dict, subject: str, verb: str, model_type: Any, kinds: list[str]) -> str | None:
@@ -340,11 +346,12 @@ def _tested_note(tested: dict, subject: str, verb: str, model_type: Any, kinds: 
     if not kinds:
         return None
     entry = tested.get(model_type)
-    if entry is not None and set(kinds) <= entry[1]:
-        listed = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} and {kinds[-1]}"
-        return f"tested: {subject} {verb} tiny {entry[0]} checkpoints with {listed} removed {entry[2]}"
-    families = " and ".join(f"{name} checkpoints ({', '.join(sorted(removed))} removed)"
-                            for name, removed, _ in tested.values())
+    if entry is not None and set(kinds) <= set().union(*(removed for _, removed in entry[0])):
+        cases = [f"{checkpoints} checkpoints with {_listed([k for k in kinds if k in removed])} removed"
+                 for checkpoints, removed in entry[0] if removed & set(kinds)]
+        return f"tested: {subject} {verb} {' and '.join(cases)} {entry[1]}"
+    families = " and ".join(f"{checkpoints} checkpoints ({', '.join(sorted(removed))} removed)"
+                            for cases, _ in tested.values() for checkpoints, removed in cases)
     return f"expected: {subject} reads the kept sizes from config.json; tested only on {families}"
 
 

@@ -31,7 +31,7 @@ from .activations import place_activations
 from .capture import LayerCall, capture_layer_inputs
 from .chunking import dense_pass_samples
 from .experts import expert_calibration_record
-from .host_memory import return_freed_memory_to_os
+from .host_memory import returning_freed_memory
 from .layer_pass import layer_call, prune_layer, visit_layers
 from .offload import OffloadStats, is_offloaded
 from .parallel import prune_layers_parallel
@@ -87,8 +87,12 @@ def check_pruning_plan(model: PreTrainedModel, config: PruningConfig) -> None:
 
 def prune_model(model: PreTrainedModel, config: PruningConfig, calibration: CalibrationSet | None) -> PruningRun:
     """Prune ``model`` in place, layer by layer, as ``config`` says."""
+    with returning_freed_memory():  # activations of each layer are freed before the next: keep RSS flat
+        return _prune_model(model, config, calibration)
+
+
+def _prune_model(model: PreTrainedModel, config: PruningConfig, calibration: CalibrationSet | None) -> PruningRun:
     start_time = time.perf_counter()
-    return_freed_memory_to_os()  # activations of each layer are freed before the next: keep RSS flat
     layout, pruner, targets, device = _plan(model, config)
     offload = OffloadStats() if is_offloaded(model) else None
     was_training = model.training

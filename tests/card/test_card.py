@@ -350,8 +350,8 @@ def test_standard_structured_card_shows_sizes_and_runtimes(token_ids, tmp_path):
     llama_cpp = runtimes.pop("llama.cpp (`convert_hf_to_gguf.py`)")
     vllm = runtimes.pop("vLLM")
     assert set(runtimes.values()) == {"yes"} and len(runtimes) == 2
-    assert vllm == ("yes (tested: it serves tiny Llama checkpoints with decoder layers, MLP neurons and attention "
-                    "heads removed with the same output as transformers)")
+    assert vllm == ("yes (tested: it serves SmolLM2-135M (a Llama) checkpoints with decoder layers, MLP neurons and "
+                    "attention heads removed with the same output as transformers)")
     assert llama_cpp == ("yes (tested: its converter turns tiny Llama checkpoints with decoder layers, MLP neurons "
                          "and attention heads removed into GGUF files with the pruned sizes and the same logits)")
     assert "whole decoder layers and MLP neurons and attention heads were removed" in " ".join(card.text.split())
@@ -388,6 +388,16 @@ def _runtime_notes(directory: Path) -> dict[str, str | None]:
     return {row["name"]: row["note"] for row in runtimes(read_checkpoint(directory))}
 
 
+def test_runtime_note_names_each_tested_case_of_a_mixed_removal():
+    """A Llama with neurons and residual channels removed: vLLM's test covers the two on different checkpoints."""
+    from hf_prune.card.facts import VLLM_TESTED, _tested_note
+
+    note = _tested_note(VLLM_TESTED, "it", "serves", "llama", ["MLP neurons", "residual-stream channels"])
+    assert note == ("tested: it serves SmolLM2-135M (a Llama) checkpoints with MLP neurons removed and tiny Llama "
+                    "checkpoints with residual-stream channels removed with the same output as transformers")
+    assert _tested_note(VLLM_TESTED, "it", "serves", "llama", ["routed experts"]).startswith("expected: ")
+
+
 @pytest.mark.parametrize("family, config, llama_cpp, vllm", [
     # what tests/inference/test_llama_cpp_convert.py converts: tested
     ("qwen3_moe", "neurons", "tested: its converter turns tiny Qwen3-MoE checkpoints with routed-expert neurons "
@@ -399,6 +409,10 @@ def _runtime_notes(directory: Path) -> dict[str, str | None]:
     ("llama", "hidden", "tested: its converter turns tiny Llama checkpoints with residual-stream channels removed "
                         "into GGUF files with the pruned sizes and the same logits",
      "tested: it serves tiny Llama checkpoints with residual-stream channels removed with the same output as "
+     "transformers"),
+    ("llama", "neurons", "tested: its converter turns tiny Llama checkpoints with MLP neurons removed into GGUF files "
+                         "with the pruned sizes and the same logits",
+     "tested: it serves SmolLM2-135M (a Llama) checkpoints with MLP neurons removed with the same output as "
      "transformers"),
     # families the converter test does not run: expected
     ("qwen3", "hidden", "expected", "expected"),
@@ -419,12 +433,12 @@ def test_runtime_notes_say_what_the_runtime_tests_cover(family, config, llama_cp
     assert notes["transformers"] is None and notes["hf_prune"] is None
     if llama_cpp == "expected":
         assert notes["llama.cpp"].startswith("expected: its converter reads the kept sizes from config.json; "
-                                             "tested only on Llama checkpoints")
+                                             "tested only on tiny Llama checkpoints")
     else:
         assert notes["llama.cpp"] == llama_cpp
     if vllm == "expected":
-        assert notes["vLLM"].startswith("expected: it reads the kept sizes from config.json; tested only on Llama "
-                                        "checkpoints")
+        assert notes["vLLM"].startswith("expected: it reads the kept sizes from config.json; tested only on "
+                                        "SmolLM2-135M (a Llama) checkpoints")
     else:
         assert notes["vLLM"] == vllm
 
