@@ -1,6 +1,12 @@
 """Time of one training step of a pruned SmolLM2 student: LM loss against the KL to the dense model.
 
     python examples/benchmark_distill_step.py --student budget30/ --batch-size 4 --seq-len 512
+    python examples/benchmark_distill_step.py --prune wanda:2:4
+
+``--prune METHOD:PATTERN`` prunes the bundled model in this process instead of loading a student
+(16 x 512 calibration tokens of the C4 sample): training right after pruning, as
+``examples/distill_pruned.py`` does for its own students, should take no longer than training
+a student loaded from disk.
 
 Runs what a ``DistillationTrainer`` step runs, split into its parts: the teacher's forward
 (none for the LM loss), the student's forward, the chunked loss over the LM heads, and the
@@ -22,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from hf_prune import AutoPrunedModelForCausalLM
+from hf_prune import AutoPrunedModelForCausalLM, PruningConfig
 from hf_prune.data.bundled import smollm2_location
 from hf_prune.data.evaluation import evaluation_windows
 from hf_prune.training.distillation import LogitsPath
@@ -54,7 +60,10 @@ def timed_step(student: torch.nn.Module, teacher: torch.nn.Module | None, input_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--student", type=Path, required=True, help="a model pruned from the bundled SmolLM2")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--student", type=Path, help="a model pruned from the bundled SmolLM2")
+    source.add_argument("--prune", metavar="METHOD:PATTERN", help="prune the bundled model here instead, "
+                        "e.g. wanda:2:4 or sparsegpt:unstructured (50%%)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
@@ -67,12 +76,21 @@ def main() -> None:
     directory, gguf_file = smollm2_location()
     teacher = AutoPrunedModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32).eval()
     teacher_bf16 = copy.deepcopy(teacher).to(torch.bfloat16)
-    student = AutoPrunedModelForCausalLM.from_pretrained(args.student, dtype=torch.float32).train()
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    if args.prune:
+        method, _, pattern = args.prune.partition(":")
+        student = copy.deepcopy(teacher)
+        student.prune(PruningConfig.from_dict({
+            "method": method, "pattern": pattern or "unstructured",
+            "sparsity": 0.5 if pattern in ("", "unstructured") else None, "calibration": "c4-sample",
+            "num_samples": 16, "seq_len": 512, "device": "cpu"}), tokenizer=tokenizer)
+        student.train()
+    else:
+        student = AutoPrunedModelForCausalLM.from_pretrained(args.student, dtype=torch.float32).train()
     vocab = student.get_output_embeddings().weight.shape[0]
     if args.random_tokens:
         input_ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(0))
     else:
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
         input_ids = evaluation_windows(tokenizer, args.text, args.seq_len, args.batch_size)
     results = {}
     for name, model in (("lm_loss", None), ("kl_float32_teacher", teacher), ("kl_bfloat16_teacher", teacher_bf16)):

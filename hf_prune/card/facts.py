@@ -349,9 +349,10 @@ def _tested_note(tested: dict, subject: str, verb: str, model_type: Any, kinds: 
     if entry is not None and set(kinds) <= set().union(*(removed for _, removed in entry[0])):
         cases = [f"{checkpoints} checkpoints with {_listed([k for k in kinds if k in removed])} removed"
                  for checkpoints, removed in entry[0] if removed & set(kinds)]
-        return f"tested: {subject} {verb} {' and '.join(cases)} {entry[1]}"
-    families = " and ".join(f"{checkpoints} checkpoints ({', '.join(sorted(removed))} removed)"
-                            for cases, _ in tested.values() for checkpoints, removed in cases)
+        how = "tested" if len(cases) == 1 else "tested separately"  # no one checkpoint had it all removed
+        return f"{how}: {subject} {verb} {' and '.join(cases)} {entry[1]}"
+    families = _listed([f"{checkpoints} checkpoints ({', '.join(sorted(removed))} removed)"
+                        for cases, _ in tested.values() for checkpoints, removed in cases])
     return f"expected: {subject} reads the kept sizes from config.json; tested only on {families}"
 
 

@@ -11,10 +11,10 @@ That makes each temporary of a few MiB a fresh mapping whose pages are faulted i
 every use: FISTA's solver, whose iterations make dozens of such temporaries, ran 2.7x
 slower with it (18.7 s instead of 6.9 s for a 576 x 1536 operator). Such compute-bound
 stretches run inside ``heap_for_temporaries()``. When the pruning pass ends, the thresholds
-go to where glibc's own dynamic ones settle (mmap at 32 MiB, trim at 64 MiB), since glibc
+go to the most glibc's own dynamic ones reach (mmap at 32 MiB, trim at 64 MiB), since glibc
 cannot be given its dynamic behaviour back: a model trained after it was pruned in the same
-process would otherwise fault in every tensor of 1 MiB or more afresh (a distillation step of
-a SmolLM2 student took 1.2-1.3x as long).
+process would otherwise fault in every tensor of 1 MiB or more afresh (a training step of a
+SmolLM2 2:4 student took 1.2-1.4x as long).
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ TEMPORARY_MMAP_THRESHOLD_BYTES = 16 << 20
 TEMPORARY_TRIM_THRESHOLD_BYTES = 32 << 20
 SETTLED_MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: where the dynamic one stops
 SETTLED_TRIM_THRESHOLD_BYTES = 64 << 20  # the dynamic trim threshold: twice the mmap threshold
-_lock = threading.RLock()
+PASS_THRESHOLDS = (MMAP_THRESHOLD_BYTES, DEFAULT_TRIM_THRESHOLD_BYTES)
+TEMPORARY_THRESHOLDS = (TEMPORARY_MMAP_THRESHOLD_BYTES, TEMPORARY_TRIM_THRESHOLD_BYTES)
+SETTLED_THRESHOLDS = (SETTLED_MMAP_THRESHOLD_BYTES, SETTLED_TRIM_THRESHOLD_BYTES)
+_lock = threading.Lock()
 _pruning = 0  # pruning passes inside returning_freed_memory()
 _inside = 0  # threads inside heap_for_temporaries() during a pruning pass
 _settings: tuple[int, int] | None = None  # (mmap, trim) thresholds hf_prune last set; None: glibc's own
@@ -59,15 +62,18 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
-def _set(mmap_threshold: int, trim_threshold: int, trim: bool = False) -> bool:
+def _set(thresholds: tuple[int, int], trim: bool = False) -> bool:
     global _settings
+    mmap_threshold, trim_threshold = thresholds
     libc = _libc()
     if libc is None:
         return False
     applied = bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(
         libc.mallopt(M_TRIM_THRESHOLD, trim_threshold))
     if applied:
-        _settings = (mmap_threshold, trim_threshold)
+        _settings = thresholds
+    else:
+        logger.warning("glibc refused the malloc thresholds %s (mmap, trim bytes); the ones before stay", thresholds)
     if trim:
         libc.malloc_trim(0)
     return applied
@@ -83,21 +89,21 @@ def returning_freed_memory() -> Iterator[bool]:
     """While inside (a pruning pass), every allocation of 1 MiB or more is its own mapping, returned
     to the system when freed; yields whether that could be set (False where there is no glibc).
     When the last pass leaves, the free heap is returned and the thresholds settle at 32 MiB
-    (mmap) and 64 MiB (trim), where glibc's dynamic ones end up."""
+    (mmap) and 64 MiB (trim), the most glibc's own dynamic thresholds reach."""
     global _pruning, _pass_applied
-    with _lock:
-        _pruning += 1
-        if _pruning == 1:
-            _pass_applied = _set(MMAP_THRESHOLD_BYTES, DEFAULT_TRIM_THRESHOLD_BYTES)
-            logger.debug("glibc mmap threshold fixed at %d bytes for the pruning pass: %s", MMAP_THRESHOLD_BYTES,
-                         _pass_applied)
     try:
+        with _lock:
+            _pruning += 1
+            if _pruning == 1:
+                _pass_applied = _set(PASS_THRESHOLDS)
+                logger.debug("glibc mmap threshold fixed at %d bytes for the pruning pass: %s", MMAP_THRESHOLD_BYTES,
+                             _pass_applied)
         yield _pass_applied
     finally:
         with _lock:
             _pruning -= 1
             if _pruning == 0 and _pass_applied:
-                _set(SETTLED_MMAP_THRESHOLD_BYTES, SETTLED_TRIM_THRESHOLD_BYTES, trim=True)
+                _set(SETTLED_THRESHOLDS, trim=True)
 
 
 @contextlib.contextmanager
@@ -111,7 +117,7 @@ def heap_for_temporaries() -> Iterator[None]:
         if active:
             _inside += 1
             if _inside == 1:
-                _set(TEMPORARY_MMAP_THRESHOLD_BYTES, TEMPORARY_TRIM_THRESHOLD_BYTES)
+                _set(TEMPORARY_THRESHOLDS)
     try:
         yield
     finally:
@@ -119,6 +125,4 @@ def heap_for_temporaries() -> Iterator[None]:
             with _lock:
                 _inside -= 1
                 if _inside == 0:
-                    mmap_threshold, trim_threshold = ((MMAP_THRESHOLD_BYTES, DEFAULT_TRIM_THRESHOLD_BYTES) if _pruning
-                                                      else (SETTLED_MMAP_THRESHOLD_BYTES, SETTLED_TRIM_THRESHOLD_BYTES))
-                    _set(mmap_threshold, trim_threshold, trim=True)
+                    _set(PASS_THRESHOLDS if _pruning else SETTLED_THRESHOLDS, trim=True)

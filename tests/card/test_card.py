@@ -393,8 +393,8 @@ def test_runtime_note_names_each_tested_case_of_a_mixed_removal():
     from hf_prune.card.facts import VLLM_TESTED, _tested_note
 
     note = _tested_note(VLLM_TESTED, "it", "serves", "llama", ["MLP neurons", "residual-stream channels"])
-    assert note == ("tested: it serves SmolLM2-135M (a Llama) checkpoints with MLP neurons removed and tiny Llama "
-                    "checkpoints with residual-stream channels removed with the same output as transformers")
+    assert note == ("tested separately: it serves SmolLM2-135M (a Llama) checkpoints with MLP neurons removed and "
+                    "tiny Llama checkpoints with residual-stream channels removed with the same output as transformers")
     assert _tested_note(VLLM_TESTED, "it", "serves", "llama", ["routed experts"]).startswith("expected: ")
 
 

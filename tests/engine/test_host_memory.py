@@ -75,3 +75,26 @@ def test_memory_freed_after_a_pruning_pass_is_reused(tmp_path):
                 calibration_data=torch.randint(0, model.config.vocab_size, (2, 16)))
     after = _page_faults_of_fresh_tensors()
     assert after * 8 < during
+
+
+def test_prune_model_runs_inside_the_pass_and_leaves_it(monkeypatch):
+    """The engine's pruning entry point holds the pass's thresholds while it runs and settles them after."""
+    from tiny_models import tiny_model
+
+    import hf_prune.engine.loop as loop
+    from hf_prune import WandaConfig
+
+    seen = []
+    inner = loop._prune_model
+
+    def spy(*args, **kwargs):
+        seen.append((host_memory._pruning, host_memory.allocator_settings()))
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_prune_model", spy)
+    model = tiny_model("llama")
+    model.prune(WandaConfig(sparsity=0.5, device="cpu"),
+                calibration_data=torch.randint(0, model.config.vocab_size, (2, 16)))
+    assert seen == [(1, host_memory.PASS_THRESHOLDS)]
+    assert host_memory._pruning == 0
+    assert host_memory.allocator_settings() == host_memory.SETTLED_THRESHOLDS
