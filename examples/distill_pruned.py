@@ -28,9 +28,9 @@ those 4 passes at a tenth of the cost. ``--eval-every N`` measures the perplexit
 The LM run never runs the dense model; the distillation run does, forward only, every step
 (``--teacher-dtype bfloat16`` halves that forward's time on a CPU with AVX-512 BF16; the KL
 before and after is then measured against the bfloat16 teacher).
-On a 2-core CPU a step of 4 x 512 tokens takes about 8 s with the LM loss and 9 s with the
+On a 2-core CPU a step of 4 x 512 tokens takes 8-12 s with the LM loss and 9-13 s with the
 KL (bfloat16 teacher) for the 70% budget student, more for a student of the dense shape; use
-a GPU for hundreds of steps.
+a GPU for hundreds of steps (the two figures are from two machines of the same 2-core kind).
 """
 
 from __future__ import annotations
