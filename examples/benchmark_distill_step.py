@@ -84,9 +84,9 @@ def main() -> None:
             "method": method, "pattern": pattern or "unstructured",
             "sparsity": 0.5 if pattern in ("", "unstructured") else None, "calibration": "c4-sample",
             "num_samples": 16, "seq_len": 512, "device": "cpu"}), tokenizer=tokenizer)
-        student.train()
     else:
-        student = AutoPrunedModelForCausalLM.from_pretrained(args.student, dtype=torch.float32).train()
+        student = AutoPrunedModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
+    student.train()
     vocab = student.get_output_embeddings().weight.shape[0]
     if args.random_tokens:
         input_ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(0))

@@ -346,9 +346,10 @@ def _tested_note(tested: dict, subject: str, verb: str, model_type: Any, kinds: 
     if not kinds:
         return None
     entry = tested.get(model_type)
-    if entry is not None and set(kinds) <= set().union(*(removed for _, removed in entry[0])):
+    wanted = set(kinds)
+    if entry is not None and wanted <= set().union(*(removed for _, removed in entry[0])):
         cases = [f"{checkpoints} checkpoints with {_listed([k for k in kinds if k in removed])} removed"
-                 for checkpoints, removed in entry[0] if removed & set(kinds)]
+                 for checkpoints, removed in entry[0] if removed & wanted]
         how = "tested" if len(cases) == 1 else "tested separately"  # no one checkpoint had it all removed
         return f"{how}: {subject} {verb} {' and '.join(cases)} {entry[1]}"
     families = _listed([f"{checkpoints} checkpoints ({', '.join(sorted(removed))} removed)"
