@@ -39,37 +39,59 @@ class StructureSummary:
     dense: dict[str, list[int]]
     parameters_before: int
     parameters_after: int
+    #: the dense index of each layer in ``kept``, once whole layers were dropped (the record's ``kept_layers``)
+    kept_layers: list[int] | None = None
 
     def totals(self, key: str) -> tuple[int, int]:
         """``(kept, dense)`` summed over layers for ``key`` (e.g. ``"mlp_neurons"``)."""
         return (sum(v or 0 for v in self.kept.get(key) or []), sum(v or 0 for v in self.dense.get(key) or []))
 
+    def _living(self) -> list[int]:
+        """Positions in ``kept`` of the layers that still compute something."""
+        neurons, heads = self.kept.get("mlp_neurons"), self.kept.get("attention_heads")
+        if neurons is None or heads is None:  # mixtures of experts: no per-layer MLP width
+            return list(range(len(next((v for v in self.kept.values() if v is not None), []))))
+        return [i for i, (n, h) in enumerate(zip(neurons, heads)) if n or h]
+
     @property
     def layers(self) -> tuple[int, int]:
         """``(layers that still compute something, dense layer count)``."""
-        neurons, heads = self.kept.get("mlp_neurons") or [], self.kept.get("attention_heads") or []
-        alive = sum(1 for n, h in zip(neurons, heads) if n or h)
-        return alive, len(self.dense.get("mlp_neurons") or [])
+        dense = self.dense.get("mlp_neurons") or self.dense.get("expert_neurons") or []
+        return len(self._living()), len(dense)
+
+    def _totals_within(self, key: str, living: list[int]) -> tuple[int, int]:
+        """``(kept, dense)`` of ``key`` summed over the layers at ``living``, each against its own dense size."""
+        kept, dense = self.kept.get(key) or [], self.dense.get(key) or []
+        index = self.kept_layers if self.kept_layers is not None else range(len(kept))
+        pairs = [(kept[i] or 0, dense[index[i]] or 0) for i in living if i < len(kept) and index[i] < len(dense)]
+        return sum(k for k, _ in pairs), sum(d for _, d in pairs)
 
     def describe(self) -> str:
-        """One line: what was removed and the parameter count before -> after."""
-        parts = []
-        kept, total = self.totals("mlp_neurons")
-        if total or "expert_neurons" not in self.dense:
-            parts.append(f"removed {_share(total - kept, total)} of MLP neurons ({total - kept} of {total})")
-        kept, total = self.totals("expert_neurons")  # mixtures of experts: neurons per routed expert, summed
-        if total:
-            parts.append(f"removed {_share(total - kept, total)} of each routed expert's neurons "
-                         f"({kept} of {total} kept, summed over layers)")
-        kept, total = self.totals("attention_heads")
-        if kept != total:
-            parts.append(f"{total - kept} of {total} attention heads")
-        kept, total = self.totals("kv_heads")
-        if kept != total:
-            parts.append(f"{total - kept} of {total} KV heads")
+        """One line: what was removed and the parameter count before -> after.
+
+        Once whole layers are gone they are named first, and the neurons and heads removed are
+        counted in the layers left (a dropped layer's heads are not "attention heads removed").
+        """
         alive, layers = self.layers
+        living = self._living()
+        parts, within = [], []
         if alive != layers:
-            parts.append(f"{layers - alive} of {layers} layers")
+            parts.append(f"removed {layers - alive} of {layers} layers")
+        kept, total = self._totals_within("mlp_neurons", living)
+        if kept != total or (not parts and "expert_neurons" not in self.dense):
+            within.append(f"{_share(total - kept, total)} of MLP neurons ({total - kept} of {total})")
+        kept, total = self._totals_within("expert_neurons", living)  # mixtures of experts: per routed expert
+        if total:
+            within.append(f"{_share(total - kept, total)} of each routed expert's neurons "
+                          f"({kept} of {total} kept, summed over layers)")
+        for key, label in (("attention_heads", "attention heads"), ("kv_heads", "KV heads")):
+            kept, total = self._totals_within(key, living)
+            if kept != total:
+                within.append(f"{total - kept} of {total} {label}")
+        if within and parts:
+            parts.append(f"and in the {alive} left " + ", ".join(within))
+        elif within:
+            parts.append("removed " + ", ".join(within))
         ratio = self.parameters_after / self.parameters_before if self.parameters_before else 1.0
         return (", ".join(parts) + f"; parameters {_millions(self.parameters_before)} -> "
                 f"{_millions(self.parameters_after)} ({ratio:.3f}x)")

@@ -66,6 +66,26 @@ def test_summary_counts_emptied_layers_and_abbreviates_large_counts():
         parameters_before=134_515_008, parameters_after=110_510_400,
     )
     assert summary.layers == (1, 2)
-    assert summary.describe() == ("removed 75.0% of MLP neurons (2304 of 3072), 9 of 18 attention heads, "
-                                  "3 of 6 KV heads, 1 of 2 layers; parameters 134.5M -> 110.5M (0.822x)")
+    assert summary.describe() == ("removed 1 of 2 layers, and in the 1 left 50.0% of MLP neurons (768 of 1536); "
+                                  "parameters 134.5M -> 110.5M (0.822x)")
     assert summary.to_dict()["layers"] == {"kept": 1, "dense": 2}
+
+
+def test_summary_of_dropped_layers_counts_heads_and_neurons_in_the_layers_left():
+    from hf_prune.report import StructureSummary
+
+    # three dense layers; layer 1 dropped, layer 2 lost half its neurons and a KV group
+    summary = StructureSummary(
+        kept={"mlp_neurons": [1536, 768], "attention_heads": [9, 6], "kv_heads": [3, 2]},
+        dense={"mlp_neurons": [1536, 1536, 1536], "attention_heads": [9, 9, 9], "kv_heads": [3, 3, 3]},
+        parameters_before=3_000_000, parameters_after=1_800_000, kept_layers=[0, 2],
+    )
+    assert summary.layers == (2, 3)
+    assert summary.describe() == ("removed 1 of 3 layers, and in the 2 left 25.0% of MLP neurons (768 of 3072), "
+                                  "3 of 18 attention heads, 1 of 6 KV heads; parameters 3.0M -> 1.8M (0.600x)")
+    only_depth = StructureSummary(
+        kept={"mlp_neurons": [1536], "attention_heads": [9], "kv_heads": [3]},
+        dense={"mlp_neurons": [1536, 1536], "attention_heads": [9, 9], "kv_heads": [3, 3]},
+        parameters_before=2_000_000, parameters_after=1_000_000, kept_layers=[1],
+    )
+    assert only_depth.describe() == "removed 1 of 2 layers; parameters 2.0M -> 1.0M (0.500x)"

@@ -146,4 +146,4 @@ def structure_summary(model: nn.Module) -> StructureSummary | None:
     keys = (*SIZE_KEYS, EXPERT_KEY)
     kept = {k: v for k, v in report.shape.lists().items() if k in keys and v is not None}
     dense = {k: list(v) for k, v in report.dense.items() if k in keys and v is not None}
-    return StructureSummary(kept, dense, report.parameters_before, report.parameters_after)
+    return StructureSummary(kept, dense, report.parameters_before, report.parameters_after, report.kept_layers)

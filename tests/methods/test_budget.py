@@ -138,7 +138,7 @@ def test_result_saves_and_reloads_with_the_same_logits(family, mixes, windows, t
     (dict(pattern="2:4"), "pattern", "WandaConfig"),
 ])
 def test_bad_values_name_the_field_and_the_fix(kwargs, field, hint):
-    with pytest.raises(PruningConfigError, match="") as err:
+    with pytest.raises(PruningConfigError) as err:
         BudgetConfig(**kwargs)
     assert err.value.field == field and hint in str(err.value), str(err.value)
 

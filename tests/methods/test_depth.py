@@ -130,6 +130,9 @@ def test_depth_and_width_together_stay_standard(token_ids, tmp_path):
     structure = model.config.pruning_config["structure"]
     assert len(structure["kept_layers"]) == 3 and structure["mlp_neurons"] == [64] * 3
     assert structure["dense"]["mlp_neurons"] == [128] * 4
+    # the dropped layer is named once; neurons and heads are counted in the three layers left
+    assert model.pruning_report().summary().startswith(
+        "removed 1 of 4 layers, and in the 3 left 50.0% of MLP neurons (192 of 384), 6 of 12 attention heads")
     expected = _logits(model)
     model.save_pretrained(tmp_path / "out")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
