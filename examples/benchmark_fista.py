@@ -11,7 +11,14 @@ a shared machine).
 
 ``--fista`` (repeatable) runs FISTAPruner variants: a JSON object of FISTAConfig fields.
 Targets of issue 3: at 50% unstructured, FISTA perplexity <= 0.95 x SparseGPT's (hf_prune's
-in this run, and llm-compressor's 46.11 measured here); at 2:4, no worse than SparseGPT.
+in this run, and llm-compressor's); at 2:4, no worse than SparseGPT.
+
+llm-compressor's SparseGPT is not run here: ``--peer-results`` reads its perplexities from the
+JSON of ``examples/benchmark.py`` (same calibration tokens and evaluation windows by default),
+which runs it in its own virtual environment the way its documentation does:
+
+    python examples/benchmark.py --llmc-python /path/to/llmc-venv/bin/python --json peer.json
+    python examples/benchmark_fista.py --peer-results peer.json
 """
 
 from __future__ import annotations
@@ -25,7 +32,19 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_EVAL = HERE.parent.parent / "shared" / "data" / "wiki_sample.txt"
-LLMC_SPARSEGPT = {"unstructured": 46.11, "2:4": 90.69}  # llm-compressor, same settings, measured here
+
+
+def peer_perplexities(path: str | None) -> dict[str, float]:
+    """llm-compressor's SparseGPT perplexity per pattern, from the JSON of ``examples/benchmark.py`` at ``path``."""
+    if path is None:
+        return {}
+    rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    found = {r["pattern"]: float(r["perplexity"]) for r in rows
+             if r.get("tool") == "llmcompressor" and r.get("method") == "sparsegpt"}
+    if not found:
+        raise SystemExit(f"{path} holds no llm-compressor SparseGPT row; write it with examples/benchmark.py "
+                         "--llmc-python PYTHON --json FILE")
+    return found
 
 
 def main() -> None:
@@ -41,7 +60,10 @@ def main() -> None:
     parser.add_argument("--skip-dense", action="store_true")
     parser.add_argument("--skip-sparsegpt", action="store_true")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
+    parser.add_argument("--peer-results", default=None,
+                        help="JSON of examples/benchmark.py with llm-compressor rows, for the 'x llmc ppl' column")
     args = parser.parse_args()
+    peer = peer_perplexities(args.peer_results)
 
     from transformers import AutoTokenizer
 
@@ -91,7 +113,8 @@ def main() -> None:
             if reference:
                 row["time_ratio"] = row["seconds"] / reference["seconds"]
                 row["ppl_ratio_hf_sparsegpt"] = row["perplexity"] / reference["perplexity"]
-            row["ppl_ratio_llmc_sparsegpt"] = row["perplexity"] / LLMC_SPARSEGPT.get(pattern, float("nan"))
+            if pattern in peer:
+                row["ppl_ratio_llmc_sparsegpt"] = row["perplexity"] / peer[pattern]
             results.append(row)
             print(json.dumps(results[-1]), flush=True)
 
