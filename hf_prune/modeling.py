@@ -107,6 +107,18 @@ class PrunedModelForCausalLM:
         rebuild_recorded_structure(self)  # type: ignore[arg-type]
 
     @classmethod
+    def is_custom_code(cls) -> bool:
+        """Whether the wrapped transformers class is custom code (hf_prune adds methods, no modeling code).
+
+        transformers treats every class defined outside its package as custom code and then skips
+        the weight initialisation of modules without parameters of their own; Falcon-H1's model
+        fills its mixers' ``mup_vector`` buffers that way, which were left as uninitialised memory.
+        """
+        base = next(k for k in cls.__mro__[1:] if issubclass(k, PreTrainedModel)
+                    and not issubclass(k, PrunedModelForCausalLM))
+        return base.is_custom_code()
+
+    @classmethod
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,

@@ -1,7 +1,8 @@
 """Capture what each decoder layer is called with, without running any layer or the LM head.
 
 Every decoder layer's ``forward`` is swapped, for one pass, for a recorder that returns
-its input unchanged. The model then costs only its embeddings per sample, and we learn
+its input unchanged (as a tensor, or a one-element tuple for models that index their layers'
+outputs). The model then costs only its embeddings per sample, and we learn
 (a) the hidden states entering layer 0 for every calibration sample and (b) the extra
 arguments of each layer (masks, rotary tables, per-layer sliding windows) for a batch of
 one, which broadcast to any batch size.
@@ -37,22 +38,49 @@ def move_to(value: Any, device: torch.device) -> Any:
     return value
 
 
+class _ContainerMismatch(Exception):
+    """The model does not hand a layer's output on as the recorder returned it."""
+
+
 def capture_layer_inputs(layout: DecoderLayout, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[LayerCall]]:
-    """Return the layer-0 hidden states ``[n, seq, hidden]`` and each layer's call arguments."""
+    """Return the layer-0 hidden states ``[n, seq, hidden]`` and each layer's call arguments.
+
+    The recorders first return the hidden states as a tensor. A model that takes its layers'
+    outputs apart (Falcon-H1 reads ``layer_outputs[0]``) then hands the next layer something
+    of another shape; the capture starts again with recorders that return a one-element tuple.
+    """
+    try:
+        return _capture(layout, input_ids, as_tuple=False)
+    except _ContainerMismatch:
+        pass
+    try:
+        return _capture(layout, input_ids, as_tuple=True)
+    except _ContainerMismatch:
+        raise RuntimeError("the model changes what one decoder layer returns before the next layer gets it, both as "
+                           "a tensor and as a tuple; its layers' inputs cannot be captured") from None
+
+
+def _capture(layout: DecoderLayout, input_ids: torch.Tensor, as_tuple: bool
+             ) -> tuple[torch.Tensor, list[LayerCall]]:
     calls: list[LayerCall | None] = [None] * len(layout)
     first_inputs: list[torch.Tensor] = []
+    handed_on: list[torch.Tensor | None] = [None]  # the hidden states the last recorder returned, this sample
 
     def make_recorder(index: int):
-        def record(*args: Any, **kwargs: Any) -> torch.Tensor:
+        def record(*args: Any, **kwargs: Any) -> Any:
             if args:
                 hidden, rest = args[0], tuple(args[1:])
             else:
                 hidden, rest = kwargs.pop("hidden_states"), ()
+            previous = handed_on[0]
+            if previous is not None and (not isinstance(hidden, torch.Tensor) or hidden.shape != previous.shape):
+                raise _ContainerMismatch
             if index == 0:  # kept on the CPU: all samples together may not fit the device
                 first_inputs.append(hidden.detach().to("cpu"))
             if calls[index] is None:
                 calls[index] = LayerCall(rest, dict(kwargs))
-            return hidden
+            handed_on[0] = hidden
+            return (hidden,) if as_tuple else hidden
 
         return record
 
@@ -67,6 +95,7 @@ def capture_layer_inputs(layout: DecoderLayout, input_ids: torch.Tensor) -> tupl
     try:
         with torch.no_grad():
             for row in input_ids:
+                handed_on[0] = None
                 base(input_ids=row.unsqueeze(0).to(device), use_cache=False)
     finally:
         for layer, forward in zip(layout.layers, own_forwards):

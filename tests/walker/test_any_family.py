@@ -3,7 +3,7 @@
 Each family is a tiny random model built from its own config class (skipped only when the
 installed transformers lacks that class). Wanda 2:4 and SparseGPT 50% must leave the exact
 pattern in every pruned weight, every expert's slice included, and the saved model must
-reload in plain ``AutoModelForCausalLM`` with the same logits.
+reload in plain ``AutoModelForCausalLM`` and in ``AutoPrunedModelForCausalLM`` with the same logits.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from tiny_models import ALL_FAMILIES, MOE_FAMILIES, VOCAB, MissingFamily, tiny_model
 from transformers import AutoModelForCausalLM
 
-from hf_prune import SparseGPTConfig, WandaConfig
+from hf_prune import AutoPrunedModelForCausalLM, SparseGPTConfig, WandaConfig
 from hf_prune.methods.patterns import satisfies_nm
 from hf_prune.walker.layout import DecoderLayout
 
@@ -54,8 +54,10 @@ def test_wanda_2_4_and_sparsegpt_50_on_every_family(family, token_ids, tmp_path)
         expected = model(probe).logits
     model.save_pretrained(tmp_path / "out", model_card=False)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ours = AutoPrunedModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(probe).logits, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(ours(probe).logits, expected, rtol=0, atol=1e-6)
 
     model = _model(family)
     report = model.prune(SparseGPTConfig(sparsity=0.5, device="cpu"), calibration_data=token_ids)
