@@ -81,7 +81,7 @@ class StructureSummary:
         if kept != total or (not parts and "expert_neurons" not in self.dense):
             within.append(f"{_share(total - kept, total)} of MLP neurons ({total - kept} of {total})")
         kept, total = self._totals_within("expert_neurons", living)  # mixtures of experts: per routed expert
-        if total:
+        if total and (kept != total or not parts):
             within.append(f"{_share(total - kept, total)} of each routed expert's neurons "
                           f"({kept} of {total} kept, summed over layers)")
         for key, label in (("attention_heads", "attention heads"), ("kv_heads", "KV heads")):

@@ -28,8 +28,9 @@ def tiny_config(family: str, layers: int = 2) -> transformers.PretrainedConfig:
     if layers != 2:
         values = config.to_dict()
         values["num_hidden_layers"] = layers
-        if isinstance(values.get("layer_types"), list):  # alternate the two layers' types
-            values["layer_types"] = [values["layer_types"][i % 2] for i in range(layers)]
+        for key in ("layer_types", "no_rope_layers"):  # per-layer lists: alternate the two layers' entries
+            if isinstance(values.get(key), list):
+                values[key] = [values[key][i % 2] for i in range(layers)]
         config = type(config).from_dict(values)
     return config
 

@@ -47,6 +47,8 @@ class ModelShape:
     #: neurons per routed expert in each layer (``None`` where a layer has no experts); ``None``
     #: for a model without expert banks
     expert_neurons: list[int | None] | None = None
+    #: the decoder layers, whether or not their sizes could be measured
+    num_layers: int = 0
 
     def lists(self) -> dict[str, list[int] | None]:
         """The per-layer size lists of the record (``expert_neurons`` only for mixture-of-experts models)."""
@@ -64,7 +66,7 @@ def model_shape(model: nn.Module) -> ModelShape:
         layers: list[LayerSizes] | None = [layer_sizes(layout, i) for i in range(len(layout))]
     except UnsupportedArchitectureError:
         layers = None
-    return ModelShape(layers, count_parameters(model), expert_neuron_sizes(layout))
+    return ModelShape(layers, count_parameters(model), expert_neuron_sizes(layout), len(layout))
 
 
 def structure_record(model: nn.Module, before: ModelShape, previous: dict | None,
@@ -86,7 +88,7 @@ def structure_record(model: nn.Module, before: ModelShape, previous: dict | None
         record["dense"][EXPERT_KEY] = before.lists().get(EXPERT_KEY)
     dense_index = (earlier or {}).get("kept_layers")
     if kept_layers is not None:
-        base = dense_index if dense_index is not None else list(range(len(before.layers)))
+        base = dense_index if dense_index is not None else list(range(before.num_layers))
         dense_index = [base[i] for i in kept_layers]
     if dense_index is not None:
         record["kept_layers"] = dense_index
@@ -109,20 +111,46 @@ class StructureReport:
         return self.shape.parameters
 
     def __str__(self) -> str:
-        lines = [f"{'layer':>5}  {'neurons':>13}  {'heads':>9}  {'kv heads':>9}"]
-        for i, sizes in enumerate(self.shape.layers):
-            d = self.kept_layers[i] if self.kept_layers is not None else i
-            lines.append(
-                f"{i:>5}  {sizes.mlp_neurons:>6}/{self.dense['mlp_neurons'][d]:<6}  "
-                f"{sizes.attention_heads:>4}/{self.dense['attention_heads'][d]:<4}  "
-                f"{sizes.kv_heads:>4}/{self.dense['kv_heads'][d]:<4}"
-                + (f"  (dense layer {d})" if self.kept_layers is not None else "")
-            )
+        if self.shape.layers is None:  # mixtures of experts and hybrids: no per-layer MLP width or heads
+            lines = self._expert_lines()
+        else:
+            lines = self._layer_lines()
         if self.kept_layers is not None:
-            lines.append(f"decoder layers: {len(self.shape.layers)} of {len(self.dense['mlp_neurons'])}")
+            lines.append(f"decoder layers: {self.shape.num_layers} of {len(self._dense_layers())}")
         ratio = self.parameters_after / self.parameters_before if self.parameters_before else 1.0
         lines.append(f"parameters: {self.parameters_after} of {self.parameters_before} ({ratio:.4f})")
         return "\n".join(lines)
+
+    def _dense_layers(self) -> list:
+        return next((v for v in (self.dense.get(k) for k in (*SIZE_KEYS, EXPERT_KEY)) if v is not None), [])
+
+    def _dense_index(self, i: int) -> int:
+        return self.kept_layers[i] if self.kept_layers is not None else i
+
+    def _suffix(self, i: int) -> str:
+        return f"  (dense layer {self._dense_index(i)})" if self.kept_layers is not None else ""
+
+    def _expert_lines(self) -> list[str]:
+        kept, dense = self.shape.expert_neurons, self.dense.get(EXPERT_KEY)
+        if kept is None or dense is None:
+            return [f"{self.shape.num_layers} decoder layers (per-layer sizes not measured for this architecture)"]
+        lines = [f"{'layer':>5}  {'expert neurons':>15}"]
+        for i, size in enumerate(kept):
+            dense_size = dense[self._dense_index(i)]
+            text = "-" if size is None else f"{size:>6}/{dense_size:<6}"
+            lines.append(f"{i:>5}  {text:>15}" + self._suffix(i))
+        return lines
+
+    def _layer_lines(self) -> list[str]:
+        lines = [f"{'layer':>5}  {'neurons':>13}  {'heads':>9}  {'kv heads':>9}"]
+        for i, sizes in enumerate(self.shape.layers or []):
+            d = self._dense_index(i)
+            lines.append(
+                f"{i:>5}  {sizes.mlp_neurons:>6}/{self.dense['mlp_neurons'][d]:<6}  "
+                f"{sizes.attention_heads:>4}/{self.dense['attention_heads'][d]:<4}  "
+                f"{sizes.kv_heads:>4}/{self.dense['kv_heads'][d]:<4}" + self._suffix(i)
+            )
+        return lines
 
 
 def structure_report(model: nn.Module) -> StructureReport:

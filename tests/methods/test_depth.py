@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model
+from tiny_models import HYBRID_FAMILIES, MOE_FAMILIES, VOCAB, MissingFamily, tiny_model
 from transformers import AutoModelForCausalLM
 
 from hf_prune import (
@@ -71,6 +71,31 @@ def test_depth_pruned_checkpoint_loads_with_plain_transformers(family, token_ids
     ours = AutoPrunedModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert torch.equal(_logits(ours), expected)
     assert "decoder layers: 2 of 4" in str(structure_report(ours))
+
+
+@pytest.mark.parametrize("family", sorted(set(MOE_FAMILIES) | set(HYBRID_FAMILIES)))
+def test_depth_on_mixtures_of_experts_and_hybrids_stays_standard(family, token_ids, tmp_path):
+    try:
+        model = tiny_model(family, layers=4)
+    except MissingFamily as err:
+        pytest.skip(str(err))
+    dense = copy.deepcopy(model)
+    report = model.prune(DepthConfig(num_layers=1, device="cpu"), calibration_data=token_ids)
+    assert report.summary().startswith("removed 1 of 4 layers; parameters")
+    structure = model.config.pruning_config["structure"]
+    removed = [i for i in range(4) if i not in structure["kept_layers"]]
+    assert len(removed) == 1 and model.config.num_hidden_layers == 3
+    if family in MOE_FAMILIES:
+        assert len(structure["expert_neurons"]) == 3 and len(structure["dense"]["expert_neurons"]) == 4
+    expected = _logits(model)
+    torch.testing.assert_close(_bypassed_logits(dense, removed), expected, rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path / "out", model_card=False)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert plain.config.num_hidden_layers == 3
+    torch.testing.assert_close(_logits(plain), expected, rtol=0, atol=1e-6)
+    ours = AutoPrunedModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(_logits(ours), expected, rtol=0, atol=1e-6)
+    assert "decoder layers: 3 of 4" in str(structure_report(ours))
 
 
 @pytest.mark.parametrize("score", SCORES)
