@@ -26,7 +26,7 @@ from torch import nn
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, PretrainedConfig
 
 from ..errors import UnsupportedArchitectureError
-from ..surgery.expert_neurons import expert_size_field
+from ..surgery.expert_neurons import EXPERT_SIZE_FIELDS, expert_size_field
 from ..surgery.structure import EXPERT_KEY, SIZE_KEYS, model_shape
 
 CONFIG_NAME = "config.json"
@@ -145,12 +145,24 @@ def _expert_export(model: nn.Module, sizes: list[int | None]) -> StandardExport:
     try:
         name = expert_size_field(model.config, dense)
     except UnsupportedArchitectureError as err:
-        return StandardExport(False, reason=str(err))
+        # pruned again after loading a standard checkpoint: the field holds the width of the earlier run
+        found = _expert_field_that_builds(model, kept)
+        if found is None:
+            return StandardExport(False, reason=str(err))
+        name = found
     out = {name: kept}
     problem = _mismatch_when_built(model, out)
     if problem:
         return StandardExport(False, reason=problem)
     return StandardExport(True, out)
+
+
+def _expert_field_that_builds(model: nn.Module, kept: int) -> str | None:
+    """The expert size field that, set to ``kept``, makes transformers build ``model``'s shapes (else ``None``)."""
+    for name in EXPERT_SIZE_FIELDS:
+        if isinstance(getattr(model.config, name, None), int) and _mismatch_when_built(model, {name: kept}) is None:
+            return name
+    return None
 
 
 def _dense_expert_width(model: nn.Module) -> int:

@@ -99,6 +99,15 @@ def test_activation_norm_removes_expert_neurons_and_saves_a_standard_checkpoint(
     torch.testing.assert_close(_logits(ours), expected, atol=1e-5, rtol=0)
     assert ours.config.pruning_config["structure"]["expert_neurons"] == structure["expert_neurons"]
 
+    # pruned again from the standard checkpoint, whose size field now holds 24: the new width replaces it
+    ours.prune(ActivationNormStructuredConfig(amount=0.5, device="cpu"), calibration_data=token_ids)
+    again = _logits(ours)
+    ours.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert saved[SIZE_FIELD[family]] == kept_count(kept, 0.5, 8) < kept and saved_config_is_standard(saved)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    torch.testing.assert_close(_logits(plain), again, atol=1e-5, rtol=0)
+
 
 def test_a_neuron_dead_on_its_experts_tokens_goes_first(token_ids):
     """Planted: neurons 0-7 of expert 1 get zero gate and up rows (activation 0 on every token); with a quarter
