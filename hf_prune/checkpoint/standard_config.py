@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,19 @@ SIZE_FIELDS: dict[str, SizeFields] = {
     "gpt2": SizeFields("n_inner", None, None, None),
     "gpt_neox": SizeFields("intermediate_size", None, None, None),
 }
+#: config keys that may hold the MLP width of a family without an entry above, tried in this order; a
+#: guess is only written when the model transformers builds from it has exactly the pruned shapes
+MLP_SIZE_CANDIDATES = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
+
+
+def size_fields(model_type: str | None, keys: Iterable[str]) -> SizeFields | None:
+    """Where a config of ``model_type`` holding ``keys`` keeps its layer sizes: the family's entry, else
+    the first MLP width key it has (with Llama's head fields)."""
+    known = SIZE_FIELDS.get(model_type)  # type: ignore[arg-type]
+    if known is not None:
+        return known
+    present = set(keys)
+    return next((SizeFields(name) for name in MLP_SIZE_CANDIDATES if name in present), None)
 
 
 @dataclass
@@ -98,9 +112,10 @@ def standard_export(model: nn.Module) -> StandardExport:
     shape = model_shape(model)
     if shape.layers is None and shape.expert_neurons is not None:
         return _expert_export(model, shape.expert_neurons)
-    fields = SIZE_FIELDS.get(getattr(config, "model_type", None))
+    fields = size_fields(getattr(config, "model_type", None), config.to_dict())
     if fields is None:
-        return StandardExport(False, reason=f"hf_prune does not know the size fields of {config.model_type!r} configs")
+        return StandardExport(False, reason=f"{type(config).__name__} has none of {', '.join(MLP_SIZE_CANDIDATES)}: "
+                                            "hf_prune does not know where it keeps the MLP width")
     shape = shape.lists()
     if not shape["mlp_neurons"]:
         return StandardExport(True)
@@ -114,8 +129,7 @@ def standard_export(model: nn.Module) -> StandardExport:
     out: dict[str, int] = {}
     if _config_int(config, fields.mlp, default=None) != neurons:
         out[fields.mlp] = neurons
-    dense_heads = int(config.num_attention_heads)
-    dense_kv = int(getattr(config, "num_key_value_heads", None) or dense_heads)
+    dense_heads, dense_kv = _dense_head_counts(model)
     if (heads, kv_heads) != (dense_heads, dense_kv):
         if fields.heads is None:
             return StandardExport(False, reason=(
@@ -157,6 +171,18 @@ def _expert_export(model: nn.Module, sizes: list[int | None]) -> StandardExport:
     return StandardExport(True, out)
 
 
+def _dense_head_counts(model: nn.Module) -> tuple[int, int]:
+    """``(query heads, KV heads)`` per layer before structured pruning: measured into the record when it
+    has them (Falcon's config names no KV head count for its multi-query layout), else the config's."""
+    structure = (getattr(model.config, "pruning_config", None) or {}).get("structure") or {}
+    dense = structure.get("dense") or {}
+    heads, kv_heads = _uniform(dense.get("attention_heads") or []), _uniform(dense.get("kv_heads") or [])
+    if heads is not None and kv_heads is not None:
+        return heads, kv_heads
+    heads = int(model.config.num_attention_heads)
+    return heads, int(getattr(model.config, "num_key_value_heads", None) or heads)
+
+
 def _expert_field_that_builds(model: nn.Module, kept: int) -> str | None:
     """The expert size field that, set to ``kept``, makes transformers build ``model``'s shapes (else ``None``)."""
     for name in EXPERT_SIZE_FIELDS:
@@ -191,7 +217,7 @@ def _mismatch_when_built(model: nn.Module, fields: dict[str, Any]) -> str | None
     """Why the model transformers builds from the config with ``fields`` would not take ``model``'s weights."""
     try:
         config = config_with(model.config, fields)
-    except (ValueError, TypeError, StrictDataclassError) as err:  # the class's own validation refused them
+    except (ValueError, TypeError, AttributeError, StrictDataclassError) as err:  # the class refused them
         message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         return f"{type(model.config).__name__} refuses {fields}: {message.strip()}"
     base = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
@@ -253,7 +279,7 @@ def saved_config_is_standard(config: dict[str, Any]) -> bool:
         if kept == dense:
             return True
         return any(config.get(name) == kept for name in ("moe_intermediate_size", "intermediate_size"))
-    fields = SIZE_FIELDS.get(config.get("model_type"))
+    fields = size_fields(config.get("model_type"), config)
     if fields is None:
         return False
     sizes = {key: _uniform(structure.get(key) or []) for key in SIZE_KEYS}
@@ -265,6 +291,9 @@ def saved_config_is_standard(config: dict[str, Any]) -> bool:
     mlp = config.get(fields.mlp)
     if fields.mlp == "n_inner" and mlp is None:
         mlp = 4 * int(config.get("n_embd", 0))
+    dense = structure.get("dense") or {}
+    if all(sizes[key] == _uniform(dense.get(key) or []) for key in ("attention_heads", "kv_heads")):
+        return mlp == sizes["mlp_neurons"]  # heads as the dense config has them (Falcon's multi-query: 1 KV head)
     heads = config.get("num_attention_heads", config.get("n_head"))
     kv_heads = config.get("num_key_value_heads") or heads
     return mlp == sizes["mlp_neurons"] and heads == sizes["attention_heads"] and kv_heads == sizes["kv_heads"]

@@ -111,26 +111,26 @@ def layer_sizes(layout: DecoderLayout, index: int) -> LayerSizes:
     return LayerSizes(neurons, geometry.heads, geometry.kv_heads)
 
 
-def _blocks(units: torch.Tensor, width: int) -> torch.Tensor:
+def unit_rows(units: torch.Tensor, width: int) -> torch.Tensor:
     """Indices of ``width``-wide blocks ``units`` (e.g. the rows of some heads)."""
     return (units.view(-1, 1) * width + torch.arange(width, device=units.device)).reshape(-1)
 
 
 def query_heads(groups: torch.Tensor, geometry: AttentionGeometry) -> torch.Tensor:
     """The query heads reading the key/value groups ``groups``."""
-    return _blocks(groups, geometry.group)
+    return unit_rows(groups, geometry.group)
 
 
 def attention_rows(layout: DecoderLayout, geometry: AttentionGeometry, groups: torch.Tensor) -> dict[str, torch.Tensor]:
     """Output rows of each attention input projection that belong to the KV groups ``groups``."""
     spec = layout.spec
     d = geometry.head_dim
-    q_rows = _blocks(query_heads(groups, geometry), d)
-    kv_rows = _blocks(groups, d)
+    q_rows = unit_rows(query_heads(groups, geometry), d)
+    kv_rows = unit_rows(groups, d)
     if spec.qkv is None:
         return {spec.q: q_rows, spec.k: kv_rows, spec.v: kv_rows}
     if spec.qkv_layout == "per_head":
-        return {spec.qkv: _blocks(query_heads(groups, geometry), 3 * d)}
+        return {spec.qkv: unit_rows(query_heads(groups, geometry), 3 * d)}
     q_size = geometry.heads * d
     kv_size = geometry.kv_heads * d
     return {spec.qkv: torch.cat([q_rows, q_size + kv_rows, q_size + kv_size + kv_rows])}
@@ -138,7 +138,7 @@ def attention_rows(layout: DecoderLayout, geometry: AttentionGeometry, groups: t
 
 def attention_output_columns(geometry: AttentionGeometry, groups: torch.Tensor) -> torch.Tensor:
     """Input columns of the attention output projection that belong to the KV groups ``groups``."""
-    return _blocks(query_heads(groups, geometry), geometry.head_dim)
+    return unit_rows(query_heads(groups, geometry), geometry.head_dim)
 
 
 def mlp_rows(layout: DecoderLayout, neurons: torch.Tensor, width: int) -> torch.Tensor:

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..errors import SurgeryIndexError
+from ..errors import SurgeryIndexError, UnsupportedArchitectureError
 from ..walker.layout import DecoderLayout
 from .empty import mark_empty_input, mark_headless
 from .geometry import (
+    AttentionGeometry,
     attention_geometry,
     attention_input_names,
     attention_module,
@@ -25,6 +26,8 @@ from .geometry import (
     mlp_module,
     mlp_rows,
     operator,
+    query_heads,
+    unit_rows,
 )
 
 _INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -146,18 +149,48 @@ def shrink_attention(layout: DecoderLayout, index: int, keep_groups: Any) -> int
     groups = as_index(keep_groups, geometry.kv_heads, f"KV groups of layer {index}")
     if groups.numel() == geometry.kv_heads:
         return 0
+    attn = attention_module(layout, index)
+    _shrink_projection_norms(attn, geometry, groups)
     for name, rows in attention_rows(layout, geometry, groups).items():
         keep_outputs(operator(layout, index, name).module, rows)
     keep_inputs(operator(layout, index, layout.spec.o).module, attention_output_columns(geometry, groups))
     heads = int(groups.numel()) * geometry.group
     kv_heads = int(groups.numel())
-    attn = attention_module(layout, index)
     _set_head_counts(attn, heads, kv_heads, geometry.head_dim)
     if heads == 0:
         o_name = layout.spec.o.rpartition(".")[2]
         inputs = tuple(name.rpartition(".")[2] for name in attention_input_names(layout))
         mark_headless(attn, inputs, o_name, geometry.head_dim)
     return geometry.heads - heads
+
+
+def _shrink_projection_norms(attn: nn.Module, geometry: AttentionGeometry, groups: torch.Tensor) -> None:
+    """Keep the entries of the kept heads in norms over a whole query or key projection.
+
+    OLMo 2 and 3 normalise all query heads together (``q_norm`` is ``heads x head_dim`` wide) and
+    all key heads together (``kv_heads x head_dim``); Cohere's per-head norms hold one row per head.
+    Norms over one head's width (Qwen3, Gemma 3) are shared by every head and stay as they are.
+    """
+    d = geometry.head_dim
+    query = query_heads(groups, geometry)
+    for name, module in attn.named_children():
+        weight = getattr(module, "weight", None)
+        if "norm" not in name or not isinstance(weight, nn.Parameter):
+            continue
+        if weight.dim() == 1 and weight.shape[0] != d:
+            by_width = {geometry.heads * d: unit_rows(query, d), geometry.kv_heads * d: unit_rows(groups, d)}
+            rows = by_width.get(weight.shape[0])
+        elif weight.dim() == 2 and weight.shape[1] == d:
+            rows = {geometry.heads: query, geometry.kv_heads: groups}.get(weight.shape[0])
+        else:
+            continue
+        if rows is None:
+            raise UnsupportedArchitectureError(
+                f"{type(attn).__name__}.{name} is {tuple(weight.shape)}, neither one head's width nor all query or "
+                "key heads: removing heads would leave it mismatched; prune MLP neurons only (heads=False)")
+        for param in ("weight", "bias"):
+            if isinstance(getattr(module, param, None), nn.Parameter):
+                _replace_parameter(module, param, 0, rows)
 
 
 def _set_head_counts(attn: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import transformers
-from tiny_models import VOCAB, tiny_model
+from tiny_models import DENSE_FAMILIES, HYBRID_FAMILIES, VOCAB, tiny_model
 from transformers import AutoModelForCausalLM
 
 from hf_prune import ActivationNormStructuredConfig, AutoPrunedModelForCausalLM, L1NormStructuredConfig
@@ -62,6 +62,31 @@ def test_uniform_structured_checkpoint_loads_with_plain_transformers(family, tok
     ours = AutoPrunedModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert torch.equal(_logits(ours), expected)
     assert ours.config.pruning_config["structure"]["dense"]["mlp_neurons"] == [dense_head_dim.mlp_neurons] * 2
+
+
+#: families without an entry in SIZE_FIELDS whose configs keep the MLP width under a common key (Falcon:
+#: ffn_hidden_size) and the head counts as Llama does; qwen3_5_text mixes attention kinds (no structure)
+GUESSED = sorted(set(DENSE_FAMILIES + HYBRID_FAMILIES) - set(EXPECTED) - {"gpt_neox", "qwen3_5_text", "gemma3"})
+
+
+@pytest.mark.parametrize("family", GUESSED)
+def test_families_without_a_size_table_entry_save_standard_checkpoints(family, token_ids, tmp_path):
+    """Their size fields are guessed and written only when the model transformers builds from them has the
+    pruned shapes; OLMo 2/3's whole-projection q/k norms lose the removed heads' entries too."""
+    model = tiny_model(family).eval()
+    dense = layer_sizes(DecoderLayout(model), 0)
+    model.prune(ActivationNormStructuredConfig(amount=0.4, heads=True, head_amount=0.5, device="cpu"),
+                calibration_data=token_ids)
+    sizes = layer_sizes(DecoderLayout(model), 0)
+    assert sizes.mlp_neurons < dense.mlp_neurons
+    assert sizes.kv_heads < dense.kv_heads or dense.kv_heads == 1  # multi-query: one KV group, kept
+    expected = _logits(model)
+    model.save_pretrained(tmp_path / "out", model_card=False)
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved_config_is_standard(saved)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(plain).__module__.startswith("transformers.")
+    torch.testing.assert_close(_logits(plain), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt"])
