@@ -313,11 +313,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if search:  # the parameter budget's search: what it tried and chose
         chosen = search["candidates"][search["chosen"]]
         results["budget_search"] = search
+        if search.get("mixture_of_experts"):
+            spent = (f"{chosen['mix']} of {len(search['candidates'])}: {chosen['layers_removed']} layers and "
+                     f"{chosen['experts_removed']} routed experts per layer removed, {chosen['mlp_neurons']} neurons "
+                     "per routed expert")
+        else:
+            spent = (f"{chosen['mix'][:3]} of {len(search['candidates'])}: {chosen['layers_removed']} layers and "
+                     f"{chosen['kv_groups_removed']} KV groups removed, hidden size {chosen['hidden_size']}, "
+                     f"{chosen['mlp_neurons']} MLP neurons per layer")
         print(f"budget: {search['kept_params']:,} of {search['dense_params']:,} non-embedding parameters kept "
-              f"(target {search['target_params']:,}, rounding unit {search['rounding_unit']:,}); chose mix "
-              f"{chosen['mix']} of {len(search['candidates'])}: {chosen['layers_removed']} layers and "
-              f"{chosen['kv_groups_removed']} KV groups removed, hidden size {chosen['hidden_size']}, "
-              f"{chosen['mlp_neurons']} MLP neurons per layer, KL {chosen['kl']:.6f}")
+              f"(target {search['target_params']:,}, rounding unit {search['rounding_unit']:,}); chose mix {spent}, "
+              f"KL {chosen['kl']:.6f}")
     if args.eval_text:
         results["perplexity_after"] = _perplexity(model, tokenizer, args)
         print(f"perplexity after:  {results['perplexity_after']:.3f}")

@@ -487,19 +487,22 @@ def _budget_context(entry: dict[str, Any] | None) -> dict[str, Any] | None:
     """The parameter-budget search of the last run (``methods.budget``): the target and every candidate tried."""
     if not entry:
         return None
+    experts = bool(entry.get("mixture_of_experts"))
     rows = []
     for index, candidate in enumerate(entry["candidates"]):
+        mix = candidate["mix"] if experts else candidate["mix"][:3]  # a dense model spends nothing on experts
         note = ("chosen" if index == entry["chosen"] else f"same as #{candidate['same_as']}"
                 if candidate.get("same_as") is not None else candidate.get("skipped") or "")
         kl = candidate.get("kl")
-        rows.append({"index": index, "mix": ", ".join(f"{float(s):g}" for s in candidate["mix"]),
+        rows.append({"index": index, "mix": ", ".join(f"{float(s):g}" for s in mix),
                      "layers": candidate.get("layers_removed"), "kv": candidate.get("kv_groups_removed"),
                      "hidden": candidate.get("hidden_size"), "neurons": candidate.get("mlp_neurons"),
+                     "experts": candidate.get("experts_removed"),
                      "parameters": "" if candidate.get("parameters") is None else f"{candidate['parameters']:,}",
                      "kl": "" if kl is None else f"{kl:.6f}", "note": note})
     return {"target": f"{entry['target_params']:,}", "dense": f"{entry['dense_params']:,}",
             "kept": f"{entry['kept_params']:,}", "unit": f"{entry['rounding_unit']:,}",
-            "windows": entry["scored_windows"], "rows": rows}
+            "windows": entry["scored_windows"], "rows": rows, "experts": experts}
 
 
 def _expert_context(facts: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -163,7 +163,8 @@ def _check_removed_channels(entry: Any, path: str) -> None:
 #: most candidates a ``budget_search`` entry may list (the config allows 64 mixes)
 MAX_CANDIDATES = 256
 #: the counts of a budget candidate: a natural number, or null when it was skipped before being shaped
-_CANDIDATE_COUNTS = ("layers_removed", "kv_groups_removed", "hidden_size", "mlp_neurons", "parameters")
+_CANDIDATE_COUNTS = ("layers_removed", "kv_groups_removed", "hidden_size", "mlp_neurons", "experts_removed",
+                     "parameters")
 
 
 def _finite(value: Any, low: float = 0.0, high: float = math.inf) -> bool:
@@ -183,6 +184,9 @@ def _check_budget_search(entry: Any, path: str) -> None:
     if not isinstance(candidates, list) or not 0 < len(candidates) <= MAX_CANDIDATES:
         raise _refuse(f"{path}.candidates", f"must list 1 to {MAX_CANDIDATES} candidates, got "
                       f"{short_repr(candidates)}")
+    if not isinstance(entry.get("mixture_of_experts", False), bool):
+        raise _refuse(f"{path}.mixture_of_experts", f"must be true or false, got "
+                      f"{short_repr(entry['mixture_of_experts'])}")
     chosen = entry.get("chosen")
     if not _natural(chosen) or chosen >= len(candidates):
         raise _refuse(f"{path}.chosen", f"must be the index of a candidate, got {short_repr(chosen)}")
@@ -191,8 +195,8 @@ def _check_budget_search(entry: Any, path: str) -> None:
         if not isinstance(candidate, dict):
             raise _refuse(where, f"must be a JSON object, got {short_repr(candidate)}")
         mix = candidate.get("mix")
-        if not isinstance(mix, list) or len(mix) != 3 or not all(_finite(v, 0.0, 1.0) for v in mix):
-            raise _refuse(f"{where}.mix", f"must be three shares in [0, 1], got {short_repr(mix)}")
+        if not isinstance(mix, list) or len(mix) not in (3, 4) or not all(_finite(v, 0.0, 1.0) for v in mix):
+            raise _refuse(f"{where}.mix", f"must be three or four shares in [0, 1], got {short_repr(mix)}")
         for key in _CANDIDATE_COUNTS:
             if candidate.get(key) is not None and not _natural(candidate[key]):
                 raise _refuse(f"{where}.{key}", f"must be a non-negative integer or null, got "

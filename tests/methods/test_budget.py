@@ -17,6 +17,7 @@ from hf_prune.cli import build_config, main, make_parser
 from hf_prune.errors import PruningConfigError, PruningRecordError
 from hf_prune.methods.budget.plan import model_copy
 from hf_prune.training.distillation import evaluate_kl
+from hf_prune.walker.layout import DecoderLayout
 
 PROBE = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
 #: names of the embedding and LM-head parameters in the tiny families (excluded from the budget)
@@ -131,6 +132,7 @@ def test_result_saves_and_reloads_with_the_same_logits(family, mixes, windows, t
     (dict(amount=1.0), "amount", "[0, 1)"),
     (dict(mixes=[[0.5, 0.5, 0.5]]), "mixes", "sum to at most 1"),
     (dict(mixes=[[0.5, 0.5]]), "mixes", "[depth, heads, hidden]"),
+    (dict(mixes=[[0.1, 0.1, 0.1, 0.1, 0.1]]), "mixes", "[depth, heads, hidden, experts]"),
     (dict(mixes=[]), "mixes", "1 to 64"),
     (dict(neuron_method="wanda"), "neuron_method", "structured method"),
     (dict(depth_score="random"), "depth_score", "block-influence"),
@@ -212,3 +214,75 @@ def test_hidden_size_candidates_respect_a_config_that_wants_the_heads_to_divide_
     assert all(c["skipped"] is None and c["kl"] is not None for c in candidates), candidates
     assert all(c["hidden_size"] < 72 and c["hidden_size"] % 24 == 0 for c in candidates), candidates
     assert model.config.hidden_size % 3 == 0
+
+
+def _expert_banks(model) -> list:
+    layout = DecoderLayout(model)
+    return [bank for index in range(len(layout)) for bank in layout.expert_banks(index)]
+
+
+@pytest.mark.parametrize(("family", "mixes"), [("mixtral", [[0.0, 0.0, 0.0, 1.0]]), ("qwen3_moe", [[0.5, 0, 0, 0.5]]),
+                                               ("gpt_oss", [[0.0, 0.0, 0.0, 0.5]]), ("llama4_text", None),
+                                               ("deepseek_v3", [[0.5, 0.0, 0.0]])])
+def test_mixtures_of_experts_spend_the_budget_on_layers_experts_and_their_neurons(family, mixes, windows, tmp_path):
+    model = tiny_model(family, layers=3)
+    dense, experts_before = _non_embedding(model), _expert_banks(model)[0].num_experts
+    config = BudgetConfig(target_params=0.6, mixes=mixes, device="cpu")
+    model.prune(config, calibration_data=windows)
+    entry = model.config.pruning_config["budget_search"]
+    chosen = entry["candidates"][entry["chosen"]]
+    kept, target = _non_embedding(model), round(0.6 * dense)
+    assert entry["mixture_of_experts"] and (entry["kept_params"], entry["target_params"]) == (kept, target)
+    assert abs(kept - target) <= entry["rounding_unit"], (kept, target, entry["rounding_unit"])
+    if mixes is not None and len(mixes[0]) == 4:  # the experts' share became whole experts removed
+        assert chosen["experts_removed"] > 0, chosen
+    banks = _expert_banks(model)
+    assert {bank.num_experts for bank in banks} == {experts_before - chosen["experts_removed"]}
+    assert {bank.intermediate_size for bank in banks} == {chosen["mlp_neurons"]}
+    assert model.config.num_hidden_layers == 3 - chosen["layers_removed"]
+    if family == "mixtral":  # round_to neurons of gate, up and down in every kept expert of every kept layer
+        hidden = model.config.hidden_size
+        assert entry["rounding_unit"] == 8 * 3 * hidden * banks[0].num_experts * len(banks)
+    expected = _logits(model)
+    model.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert validate_record(saved["pruning_config"]) and saved_config_is_standard(saved)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| mix [depth, heads, hidden, experts] |" in card and "| chosen |" in card
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert torch.allclose(_logits(plain), expected, atol=1e-5)
+    assert {bank.num_experts for bank in _expert_banks(plain)} == {experts_before - chosen["experts_removed"]}
+
+
+def test_expert_shares_the_model_cannot_take_are_skipped_with_the_reason(windows):
+    dense = tiny_model("llama", layers=3)
+    dense.prune(BudgetConfig(target_params=0.6, mixes=[[0, 0, 0, 0.5], [0, 0, 0]], device="cpu"),
+                calibration_data=windows)
+    first, second = dense.config.pruning_config["budget_search"]["candidates"]
+    assert first["skipped"] == "experts: the model has no routed experts" and first["kl"] is None
+    assert second["kl"] is not None
+    grouped = tiny_model("deepseek_v3", layers=3)  # 4 experts in 2 router groups, 2 routed per token: none can go
+    grouped.prune(BudgetConfig(target_params=0.7, device="cpu"), calibration_data=windows)
+    candidates = grouped.config.pruning_config["budget_search"]["candidates"]
+    with_experts = [c for c in candidates if len(c["mix"]) == 4 and c["mix"][3] > 0]
+    assert with_experts and all("cannot remove 2 of the 4 routed experts" in c["skipped"] for c in with_experts)
+
+
+def test_a_neuron_method_without_a_rule_for_experts_is_refused_before_any_pass(windows):
+    model = tiny_model("qwen3_moe", layers=3)
+    with pytest.raises(PruningConfigError, match="activation-norm-structured") as err:
+        model.prune(BudgetConfig(target_params=0.6, neuron_method="llm-rank", device="cpu"), calibration_data=windows)
+    assert err.value.field == "neuron_method"
+    assert not getattr(model.config, "pruning_config", None)
+
+
+def test_a_search_record_with_a_mix_of_five_shares_is_refused(windows):
+    model = tiny_model("qwen3_moe", layers=3)
+    model.prune(BudgetConfig(target_params=0.7, mixes=[[0, 0, 0, 0.5]], device="cpu"), calibration_data=windows)
+    record = model.config.pruning_config
+    assert validate_record(record) and len(record["budget_search"]["candidates"][0]["mix"]) == 4
+    for key, value in (("mix", [0.1] * 5), ("experts_removed", -1)):
+        bad = json.loads(json.dumps(record))
+        bad["budget_search"]["candidates"][0][key] = value
+        with pytest.raises(PruningRecordError, match=key):
+            validate_record(bad)

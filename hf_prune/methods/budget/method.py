@@ -1,4 +1,4 @@
-"""A parameter budget: search the mix of depth, heads, hidden size and MLP neurons that reaches it best.
+"""A parameter budget: search the mix of depth, heads, hidden size, experts and neurons that reaches it best.
 
 As in Minitron's search mode (Muralidharan et al., arXiv 2407.14679), a handful of candidate
 architectures that all keep the asked number of parameters are pruned from the dense model and
@@ -6,13 +6,15 @@ compared, here by the KL divergence of their next-token distributions from the d
 held-out calibration windows; the best is kept.
 
 A candidate is a *mix*: the shares of the parameters to remove spent on decoder layers
-(``DepthConfig``), attention KV groups and residual channels (``HiddenSizeConfig``), each in
-whole units; the MLP neurons (``neuron_method``, a structured method) take the rest, their
+(``DepthConfig``), attention KV groups and residual channels (``HiddenSizeConfig``), and in a
+mixture of experts routed experts (``ExpertPruningConfig``), each in whole units; the MLP
+neurons (``neuron_method``, a structured method; in a mixture of experts the neurons of every
+routed expert) take the rest, their
 count solved on exact counts of a weightless copy (``plan``) so that the kept non-embedding
 parameters land on the target within one rounding unit: the parameters of ``round_to`` neurons in
 every kept layer. Every candidate is pruned on a copy of the model (one copy at a time beside the
 dense model) from the same calibration windows, scored, and dropped; the chosen one is then pruned
-again into the model itself, stage by stage (depth, then neurons and heads, then hidden size), so
+again into the model itself, stage by stage (depth, experts, then neurons and heads, then hidden size), so
 the result is the candidate that was scored.
 """
 
@@ -36,10 +38,11 @@ from ...training.distillation import evaluate_kl
 from ...walker.layout import DecoderLayout, Operator
 from ..base import LayerPruner, ModelContext
 from ..depth import SCORES, DepthConfig
+from ..experts import ExpertPruningConfig
 from ..hidden_size import HiddenSizeConfig
-from ..registry import METHODS, config_class
+from ..registry import METHODS, config_class, pruner_class
 from ..structured.base import StructuredConfig
-from .plan import MIX_AXES, BudgetPlanner, Candidate, Shape, model_copy, non_embedding_parameters
+from .plan import MIX_AXES, BudgetPlanner, Candidate, Shape, full_mix, model_copy, non_embedding_parameters
 
 logger = logging.get_logger(__name__)
 
@@ -49,6 +52,10 @@ DEFAULT_AMOUNT = 0.25
 #: the mixes tried by default: shares of the removal spent on (depth, heads, hidden size); MLP neurons the rest
 DEFAULT_MIXES = ((0.0, 0.0, 0.0), (0.5, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.5, 0.0), (0.0, 0.0, 0.5),
                  (0.25, 0.25, 0.25))
+#: the mixes tried by default on a mixture of experts, whose heads and hidden size stay: shares spent on (depth,
+#: heads, hidden size, routed experts); the routed experts' neurons the rest
+DEFAULT_EXPERT_MIXES = ((0.0, 0.0, 0.0, 0.0), (0.5, 0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 0.5), (0.0, 0.0, 0.0, 1.0),
+                        (0.25, 0.0, 0.0, 0.5))
 MAX_MIXES = 64
 
 
@@ -64,14 +71,19 @@ class BudgetConfig(PruningConfig):
             ``target_params`` or ``amount``.
         amount: the share of the non-embedding parameters removed, in [0, 1): ``target_params = 1 - amount``.
             Default 0.25 when neither is given; ``sparsity`` mirrors it (for a count, 0; for a share, 1 - share).
-        mixes: the candidates tried, each ``[depth, heads, hidden]``: the shares (in [0, 1], summing to at most 1)
-            of the parameters to remove spent on decoder layers, attention KV groups and residual channels, each
+        mixes: the candidates tried, each ``[depth, heads, hidden]`` or ``[depth, heads, hidden, experts]``: the
+            shares (in [0, 1], summing to at most 1) of the parameters to remove spent on decoder layers, attention
+            KV groups, residual channels and (mixtures of experts only) the routed experts of every MoE layer, each
             in the whole units nearest its share (all rounded down when that would remove more than the budget);
-            the MLP neurons remove the rest. Default: neurons only, half and all
-            of it on depth, half on heads, half on hidden size, a quarter on each.
+            the MLP neurons (in a mixture of experts, every routed expert's) remove the rest. Default: neurons only,
+            half and all of it on depth, half on heads, half on hidden size, a quarter on each; on a mixture of
+            experts (whose heads and hidden size stay) neurons only, half on depth, half and all on experts, a
+            quarter on depth with half on experts.
         neuron_method: the structured method that removes MLP neurons and KV groups (any registered
             ``StructuredConfig``: ``"activation-norm-structured"`` (default), ``"llm-rank"``,
-            ``"l1-norm-structured"``, ``"mutual-info"``).
+            ``"l1-norm-structured"``, ``"mutual-info"``; on a mixture of experts one that scores expert neurons:
+            ``"activation-norm-structured"`` or ``"l1-norm-structured"``). Routed experts are chosen by
+            ``ExpertPruningConfig``'s REAP score.
         depth_score: how ``DepthConfig`` chooses the decoder layers (default ``"block-influence"``).
         round_to: kept MLP neurons and hidden channels are multiples of this (default 8); the kept parameter
             count is then within one rounding unit (``round_to`` neurons in every kept layer) of the target.
@@ -158,15 +170,17 @@ class BudgetConfig(PruningConfig):
         if not self.mixes or len(self.mixes) > MAX_MIXES:
             raise PruningConfigError("mixes", f"mixes must list 1 to {MAX_MIXES} candidates, got {len(self.mixes)}")
         for i, mix in enumerate(self.mixes):
-            if len(mix) != len(MIX_AXES) or not all(0 <= s <= 1 for s in mix) or sum(mix) > 1 + 1e-9:
+            if len(mix) not in (len(MIX_AXES) - 1, len(MIX_AXES)) or not all(0 <= s <= 1 for s in mix) or (
+                    sum(mix) > 1 + 1e-9):
                 raise PruningConfigError(
-                    "mixes", f"mixes[{i}]={mix!r}: each mix is [depth, heads, hidden], shares in [0, 1] of the "
-                    "parameters removed that sum to at most 1 (the MLP neurons remove the rest), e.g. [0.5, 0, 0.25]")
+                    "mixes", f"mixes[{i}]={mix!r}: each mix is [depth, heads, hidden] or [depth, heads, hidden, "
+                    "experts], shares in [0, 1] of the parameters removed that sum to at most 1 (the MLP neurons "
+                    "remove the rest), e.g. [0.5, 0, 0.25] or, for a mixture of experts, [0.25, 0, 0, 0.5]")
 
-    @property
-    def candidate_mixes(self) -> list[tuple[float, float, float]]:
-        """The mixes tried: ``mixes``, or ``DEFAULT_MIXES``."""
-        return [tuple(float(s) for s in mix) for mix in (self.mixes or DEFAULT_MIXES)]
+    def candidate_mixes(self, experts: bool = False) -> list[tuple[float, ...]]:
+        """The mixes tried, each with a share for every axis: ``mixes``, or the defaults of a dense model
+        (``DEFAULT_MIXES``) or, with ``experts``, of a mixture of experts (``DEFAULT_EXPERT_MIXES``)."""
+        return [full_mix(mix) for mix in (self.mixes or (DEFAULT_EXPERT_MIXES if experts else DEFAULT_MIXES))]
 
     def kept_target(self, dense: int) -> int:
         """The non-embedding parameters to keep out of the dense model's ``dense``."""
@@ -221,7 +235,12 @@ class BudgetPruner(LayerPruner):
         if target < 1:
             raise PruningConfigError(field, f"{field}={getattr(self.config, field)!r} keeps no parameter of the "
                                      f"model's {dense:,} non-embedding parameters; ask for more")
-        return BudgetPlanner(model, target, self.config.round_to)
+        planner = BudgetPlanner(model, target, self.config.round_to)
+        if planner.experts and not pruner_class(self.config.neuron_method).scores_expert_neurons:
+            raise PruningConfigError("neuron_method", f"neuron_method={self.config.neuron_method!r} has no rule for "
+                                     "the neurons of routed experts; on a mixture of experts use "
+                                     "'activation-norm-structured' or 'l1-norm-structured'")
+        return planner
 
     def validate_layout(self, layout: DecoderLayout) -> None:
         model = layout.model
@@ -233,7 +252,8 @@ class BudgetPruner(LayerPruner):
 
     # the stages one candidate is pruned with -------------------------------------------------------------------
     def stage_configs(self, shape: Shape, samples: int, seq_len: int) -> list[PruningConfig]:
-        """The pruning configs that give ``shape``, in the order they run: depth, neurons and heads, hidden size."""
+        """The pruning configs that give ``shape``, in the order they run: depth, routed experts, neurons and heads,
+        hidden size."""
         c = self.config
         common: dict[str, Any] = dict(calibration=c.calibration, num_samples=samples, seq_len=seq_len, seed=c.seed,
                                       device=c.device, batch_size=c.batch_size if c.batch_size and c.batch_size <
@@ -241,6 +261,8 @@ class BudgetPruner(LayerPruner):
         stages: list[PruningConfig] = []
         if shape.layers_removed:
             stages.append(DepthConfig(num_layers=shape.layers_removed, score=c.depth_score, **common))
+        if shape.experts_kept is not None:
+            stages.append(ExpertPruningConfig(num_experts_to_keep=shape.experts_kept, **common))
         if shape.neuron_amount > 0 or shape.head_amount > 0:
             stages.append(config_class(c.neuron_method)(
                 amount=shape.neuron_amount, heads=shape.head_amount > 0,
@@ -288,18 +310,19 @@ class BudgetPruner(LayerPruner):
         self.record_entries[RECORD_KEY] = {
             "target_params": planner.target, "dense_params": planner.dense, "kept_params": kept,
             "rounding_unit": unit, "scored_windows": held, "chosen": self.chosen,
+            "mixture_of_experts": bool(planner.experts),
             "candidates": [c.to_dict() for c in self.candidates],
         }
 
     def _search(self, model: torch.nn.Module, planner: BudgetPlanner, calibration: CalibrationSet,
                 scoring: torch.Tensor, batch_size: int) -> list[Candidate]:
-        candidates = [planner.candidate(mix) for mix in self.config.candidate_mixes]
+        candidates = [planner.candidate(mix) for mix in self.config.candidate_mixes(bool(planner.experts))]
         seen: dict[tuple, int] = {}
         for index, candidate in enumerate(logging.tqdm(candidates, desc="Budget search", unit="candidate")):
             if candidate.skipped is not None:
                 continue
             key = (candidate.layers_removed, candidate.kv_groups_removed, candidate.hidden_size,
-                   candidate.mlp_neurons)
+                   candidate.experts_removed, candidate.mlp_neurons)
             if key in seen:
                 first = candidates[seen[key]]
                 candidate.same_as, candidate.kl, candidate.skipped = seen[key], first.kl, first.skipped
@@ -321,18 +344,18 @@ class BudgetPruner(LayerPruner):
 
     def _log_table(self, planner: BudgetPlanner, unit: int) -> None:
         lines = [f"budget search: keep {planner.target:,} of {planner.dense:,} non-embedding parameters "
-                 f"(rounding unit {unit:,}); {len(self.candidates)} mixes of [depth, heads, hidden] shares, neurons "
-                 "the rest",
-                 f"{'#':>3} {'mix':>18} {'layers-':>7} {'kv-':>4} {'hidden':>6} {'neurons':>7} {'params':>12} "
-                 f"{'KL':>10}"]
+                 f"(rounding unit {unit:,}); {len(self.candidates)} mixes of [depth, heads, hidden, experts] shares, "
+                 f"{'routed-expert' if planner.experts else 'MLP'} neurons the rest",
+                 f"{'#':>3} {'mix':>24} {'layers-':>7} {'kv-':>4} {'hidden':>6} {'experts-':>8} {'neurons':>7} "
+                 f"{'params':>12} {'KL':>10}"]
         for i, c in enumerate(self.candidates):
             mix = "[" + ", ".join(f"{s:.2f}" for s in c.mix) + "]"
             mark = " <- chosen" if i == self.chosen else ""
             if c.shape is None:
-                lines.append(f"{i:>3} {mix:>18} skipped: {c.skipped}")
+                lines.append(f"{i:>3} {mix:>24} skipped: {c.skipped}")
                 continue
             kl = "-" if c.kl is None else f"{c.kl:.6f}"
             note = f" (same as #{c.same_as})" if c.same_as is not None else (f" ({c.skipped})" if c.skipped else "")
-            lines.append(f"{i:>3} {mix:>18} {c.layers_removed:>7} {c.kv_groups_removed:>4} {c.hidden_size:>6} "
-                         f"{c.mlp_neurons:>7} {c.parameters:>12,} {kl:>10}{mark}{note}")
+            lines.append(f"{i:>3} {mix:>24} {c.layers_removed:>7} {c.kv_groups_removed:>4} {c.hidden_size:>6} "
+                         f"{c.experts_removed:>8} {c.mlp_neurons:>7} {c.parameters:>12,} {kl:>10}{mark}{note}")
         logger.info("\n".join(lines))
