@@ -123,7 +123,8 @@ def choose_experts(scores: torch.Tensor, keep: int, groups: int = 1) -> list[int
     return sorted(kept)
 
 
-def _router_groups(config: Any) -> int:
+def router_groups(config: Any) -> int:
+    """How many groups the router picks experts within (DeepSeek-V3's ``n_group``; 1 without groups)."""
     groups = getattr(config, "n_group", None)
     return int(groups) if isinstance(groups, int) and groups > 1 else 1
 
@@ -186,7 +187,7 @@ class ExpertPruner(LayerPruner):
             raise PruningConfigError(
                 "amount", f"keeping {keep} of {experts} routed experts per layer leaves fewer than the "
                 f"{top_k} each token is routed to (num_experts_per_tok); keep at least {top_k}")
-        groups = _router_groups(config)
+        groups = router_groups(config)
         if groups > 1:
             removed = experts - keep
             if removed % groups or experts % groups:
@@ -240,7 +241,7 @@ class ExpertPruner(LayerPruner):
             raise ValueError("expert pruning needs calibration data: experts are scored on the tokens routed to them")
         if self.kept is None:  # validate_layout not run (a pruner driven by hand)
             self.validate_layout(context.layout)
-        groups = _router_groups(context.layout.model.config)
+        groups = router_groups(context.layout.model.config)
         for bank in banks:
             scores, tokens = self.expert_scores(bank.module, bank.num_experts)
             keep = choose_experts(scores, self.kept, groups)

@@ -28,7 +28,7 @@ from ...surgery.hidden import coupled_attention, hidden_size_multiple, prune_hid
 from ...surgery.layers import remove_layers
 from ...surgery.shrink import shrink_attention, shrink_mlp
 from ...walker.layout import DecoderLayout
-from ..experts import ExpertPruner, ExpertPruningConfig
+from ..experts import ExpertPruner, ExpertPruningConfig, router_groups
 from ..structured.base import kept_count, kept_groups
 
 #: axes a mix spends shares on, in the order of a mix's entries; MLP neurons take the rest. A mix may leave out
@@ -258,8 +258,7 @@ class BudgetPlanner:
                                                "removes the same neuron count from every expert")
         self.width = next(w for w in widths if w is not None)
         self.experts = max(bank.num_experts for i in range(self.layers) for bank in layout.expert_banks(i))
-        groups = getattr(self.model.config, "n_group", None)
-        self.expert_step = int(groups) if isinstance(groups, int) and groups > 1 else 1
+        self.expert_step = router_groups(self.model.config)
         try:
             self.removable_experts = self._most_removable_experts(layout)
         except UnsupportedArchitectureError as err:
