@@ -2,6 +2,7 @@
 
     python examples/benchmark_distill_step.py --student budget30/ --batch-size 4 --seq-len 512
     python examples/benchmark_distill_step.py --prune wanda:2:4
+    python examples/benchmark_distill_step.py --student budget30/ --batch-size 8 --bf16
 
 ``--prune METHOD:PATTERN`` prunes the bundled model in this process instead of loading a student
 (16 x 512 calibration tokens of the C4 sample): training right after pruning, as
@@ -14,7 +15,9 @@ backward pass. Three cases: the LM loss, the KL with the float32 teacher, the KL
 teacher in bfloat16. The batch is the first windows of ``--text`` (real text: the peaked
 distributions of real tokens are what training computes on; ``--random-tokens`` takes random
 ids instead). Each case runs one warm-up step, then ``--repeats`` timed steps; the printed
-seconds are their mean. One process, the cases one after the other.
+seconds are their mean. One process, the cases one after the other. ``--bf16`` times each case
+twice, in float32 and under bfloat16 autocast (what ``bf16=True`` gives a ``DistillationTrainer``),
+alternating, so the two come from the same run.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ def main() -> None:
     parser.add_argument("--text", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" /
                         "c4_sample.txt", help="the batch's text (default the C4 sample the recovery trains on)")
     parser.add_argument("--random-tokens", action="store_true", help="random token ids instead of --text")
+    parser.add_argument("--bf16", action="store_true", help="also time each case under bfloat16 autocast")
     parser.add_argument("--json", type=Path, help="write the measured seconds to this file")
     args = parser.parse_args()
 
@@ -93,13 +97,18 @@ def main() -> None:
     else:
         input_ids = evaluation_windows(tokenizer, args.text, args.seq_len, args.batch_size)
     results = {}
-    for name, model in (("lm_loss", None), ("kl_float32_teacher", teacher), ("kl_bfloat16_teacher", teacher_bf16)):
-        timed_step(student, model, input_ids)
-        parts = torch.tensor([timed_step(student, model, input_ids) for _ in range(args.repeats)]).mean(0).tolist()
-        results[name] = dict(zip(("teacher_forward", "student_forward", "loss", "backward"), parts),
-                             step=sum(parts))
-        print(f"{name}: {sum(parts):.2f} s per step (teacher forward {parts[0]:.2f}, student forward "
-              f"{parts[1]:.2f}, loss {parts[2]:.2f}, backward {parts[3]:.2f})", flush=True)
+    precisions = (False, True) if args.bf16 else (False,)
+    for case, model in (("lm_loss", None), ("kl_float32_teacher", teacher), ("kl_bfloat16_teacher", teacher_bf16)):
+        for autocast in precisions:
+            name = f"{case}_bf16_autocast" if autocast else case
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                timed_step(student, model, input_ids)
+                parts = torch.tensor([timed_step(student, model, input_ids)
+                                      for _ in range(args.repeats)]).mean(0).tolist()
+            results[name] = dict(zip(("teacher_forward", "student_forward", "loss", "backward"), parts),
+                                 step=sum(parts))
+            print(f"{name}: {sum(parts):.2f} s per step (teacher forward {parts[0]:.2f}, student forward "
+                  f"{parts[1]:.2f}, loss {parts[2]:.2f}, backward {parts[3]:.2f})", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -81,6 +81,8 @@ def main() -> None:
                         help="which of the two runs to make (the comparison needs both)")
     parser.add_argument("--teacher-dtype", choices=["float32", "bfloat16"], default="float32",
                         help="the dense model's dtype while it teaches (the dense perplexity is measured in float32)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="train both runs in bfloat16 mixed precision (float32 weights, bfloat16 matmuls)")
     parser.add_argument("--train-windows", type=int,
                         help="train on the first N windows of --train-file only (seen again each epoch)")
     parser.add_argument("--eval-every", type=int, help="measure the perplexity every N steps")
@@ -129,6 +131,7 @@ def main() -> None:
             temperature=args.temperature, lm_weight=lm_weight, hidden_weight=hidden_weight,
             eval_text=args.eval_file, eval_every=args.eval_every, eval_seq_len=args.eval_seq_len,
             eval_windows=args.eval_windows, kl_windows=args.kl_windows, seed=args.seed,
+            training_args={"bf16": True} if args.bf16 else None,
         )
         closed = gap_closed(result.perplexity_before, result.perplexity_after, results["perplexity_dense"])
         results[name] = {**result.to_dict(), "gap_closed": closed, "seconds": round(time.perf_counter() - start, 1)}

@@ -477,6 +477,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         teacher_device=args.teacher_device, eval_text=args.eval_text, eval_every=args.eval_every,
         eval_seq_len=args.eval_seq_len, eval_windows=args.eval_windows, kl_windows=args.kl_windows, lora=args.lora,
         lora_rank=args.lora_rank, logging_steps=args.logging_steps, seed=args.seed, teacher_name=teacher_name,
+        training_args={"bf16": args.bf16, "fp16": args.fp16},
     )
     print(result)
     result.model.save_pretrained(args.output, tokenizer=tokenizer)
@@ -567,6 +568,10 @@ def make_parser() -> argparse.ArgumentParser:
                                                      "layers are run from the CPU or disk)")
     distil.add_argument("--dtype", default="float32", choices=["auto", *_DTYPES],
                         help="student weights dtype while training (default float32)")
+    precision = distil.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="train in bfloat16 mixed precision (float32 weights; "
+                                                               "about twice as fast on a GPU or a CPU with AMX)")
+    precision.add_argument("--fp16", action="store_true", help="train in float16 mixed precision (GPU)")
     distil.add_argument("--trust-remote-code", action="store_true", help="run the model repos' own code (unsafe)")
     distil.add_argument("--data", default="c4-sample",
                         help="training text: 'c4-sample' (bundled), 'c4', 'wikitext2' or a text file")

@@ -159,6 +159,8 @@ def distill_args(entry: dict[str, Any], student: str, output: str, source: dict[
             args += [flag, repr(float(entry[key]))]
     if entry.get("lora"):
         args += ["--lora"]
+    if entry.get("mixed_precision") in ("bf16", "fp16"):
+        args += [f"--{entry['mixed_precision']}"]
     evaluated = _text_argument(entry.get("eval_dataset"), caveats, "evaluation")
     if evaluated is not None and entry.get("perplexity_after") is not None:
         args += ["--eval-text", evaluated]

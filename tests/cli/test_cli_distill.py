@@ -33,7 +33,7 @@ def test_distill_keeps_the_pattern_and_records_the_recovery(pruned, tmp_path, ca
     code = main(["distill", "--student", str(student), "--teacher", str(source), "--data", str(text),
                  "--steps", "3", "--seq-len", "32", "--batch-size", "2", "--lr", "1e-3", "--eval-text", str(text),
                  "--eval-seq-len", "32", "--eval-windows", "2", "--eval-every", "2", "--kl-windows", "2",
-                 "--logging-steps", "1", "--output", str(out), "--json"])
+                 "--logging-steps", "1", "--bf16", "--output", str(out), "--json"])
     assert code == 0
     printed = capsys.readouterr().out
     results = json.loads(printed[printed.index("{\n"):])
@@ -42,6 +42,7 @@ def test_distill_keeps_the_pattern_and_records_the_recovery(pruned, tmp_path, ca
     record = json.loads((out / "config.json").read_text())["pruning_config"]
     entry = record["distillation"]
     assert entry["teacher"] == "dense" and entry["data"] == "file:text.txt" and entry["steps"] == 3
+    assert entry["mixed_precision"] == "bf16"
     assert entry["kl_after"] == pytest.approx(results["kl_after"], rel=1e-4)
     assert "## Recovery" in (out / "README.md").read_text()
     assert str(tmp_path) not in (out / "config.json").read_text()  # no local paths in the record

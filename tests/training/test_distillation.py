@@ -93,6 +93,53 @@ def test_teacher_gets_no_gradient_and_does_not_change(tmp_path):
     assert any(not torch.equal(p, old) for p, old in zip(student.parameters(), student_before))  # it trained
 
 
+def test_bf16_mixed_precision_reaches_the_chunked_loss(tmp_path):
+    """``bf16=True`` runs the student's layers and LM head in bfloat16 (accelerate only wraps ``forward``, which
+    the chunked loss never calls), keeps the weights in float32 and a 2:4 student's zeros, and needs no fallback
+    to full logits."""
+    teacher = peaked_teacher()
+    student = copy.deepcopy(teacher)
+    student.prune(MagnitudeConfig(sparsity=None, pattern="2:4", device="cpu"))
+    zeros = {op.name: op.module.weight.detach() == 0 for op in decoder_operators(student)}
+    kl_before = evaluate_kl(student, teacher, token_windows(4, seed=1))
+    seen: dict[str, set[torch.dtype]] = {"mlp": set(), "head": set()}
+    student.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, a, out: seen["mlp"].add(out.dtype))
+    student.lm_head.register_forward_hook(lambda m, a, out: seen["head"].add(out.dtype))
+    data = [{"input_ids": row} for row in token_windows(16)]
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=True, report_to=[], max_steps=4,
+                             per_device_train_batch_size=4, learning_rate=1e-3, save_strategy="no",
+                             disable_tqdm=True, remove_unused_columns=False)
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=data,
+                                  callbacks=[prepare_for_training(student)], teacher=teacher,
+                                  distillation=DistillationConfig(lm_weight=0.3, chunk_size=16))
+    trainer.train()
+    assert seen == {"mlp": {torch.bfloat16}, "head": {torch.bfloat16}}
+    assert not trainer._student_path.full and not trainer._teacher_path.full
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert evaluate_kl(student, teacher, token_windows(4, seed=1)) < kl_before
+    for op in decoder_operators(student):
+        assert torch.all(op.module.weight.detach()[zeros[op.name]] == 0), op.name
+
+
+def test_mixed_precision_is_recorded_and_reproduced():
+    from hf_prune.card.reproduce import distill_args
+
+    teacher = peaked_teacher()
+    student = copy.deepcopy(teacher)
+    student.prune(MagnitudeConfig(sparsity=0.5, device="cpu"))
+    steps = STEPS | {"training_args": {"disable_tqdm": True, "bf16": True}}
+    result = distill(student, teacher, token_windows(), **steps)
+    assert result.kl_after < result.kl_before
+    entry = student.config.pruning_config["distillation"]
+    assert entry["mixed_precision"] == "bf16"
+    validate_record(student.config.pruning_config)
+    assert "--bf16" in distill_args(entry, "a", "b", {}, [])
+    plain = copy.deepcopy(teacher)
+    plain.prune(MagnitudeConfig(sparsity=0.5, device="cpu"))
+    distill(plain, teacher, token_windows(), **STEPS | {"steps": 1})
+    assert plain.config.pruning_config["distillation"]["mixed_precision"] is None
+
+
 def test_distillation_lowers_the_kl_to_the_teacher():
     teacher = peaked_teacher()
     student = copy.deepcopy(teacher)
@@ -243,6 +290,8 @@ def test_reproduce_command_of_a_distillation():
     ({"teacher": "x" * 500, "steps": 1, "tokens": 2, "kl_before": 1.0, "kl_after": 1.0}, "teacher"),
     ({"teacher": "t", "steps": 1, "tokens": 2, "kl_before": 1.0, "kl_after": 1.0, "extra": 1}, "unknown"),
     ({"teacher": "t", "steps": 1, "tokens": 2, "kl_before": 1.0, "kl_after": 1.0, "lora": "yes"}, "lora"),
+    ({"teacher": "t", "steps": 1, "tokens": 2, "kl_before": 1.0, "kl_after": 1.0, "mixed_precision": "int8"},
+     "mixed_precision"),
     ("distilled", "JSON object"),
 ])
 def test_malformed_distillation_entry_is_refused(entry, message):
