@@ -25,6 +25,7 @@ from markupsafe import Markup
 from transformers.utils import logging
 
 from ..checkpoint.provenance import is_repo_id
+from ..checkpoint.record import MIXED_PRECISIONS
 from ..config import PruningConfig
 from ..methods.patterns import parse_pattern
 from .facts import (
@@ -326,7 +327,7 @@ def _recovery(entry: dict[str, Any] | None) -> dict[str, Any] | None:
         "lm_weight": entry.get("lm_weight") or None,
         "hidden_weight": entry.get("hidden_weight") or None,
         "lora": bool(entry.get("lora")),
-        "mixed_precision": {"bf16": "bfloat16", "fp16": "float16"}.get(entry.get("mixed_precision")),
+        "mixed_precision": MIXED_PRECISIONS.get(entry.get("mixed_precision")),
         "kl_before": entry.get("kl_before"),
         "kl_after": entry.get("kl_after"),
         "kl_data": _dataset_name(entry.get("kl_data")),

@@ -14,6 +14,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint.record import MIXED_PRECISIONS
 from ..config import PruningConfig
 from .facts import Checkpoint
 
@@ -159,7 +160,7 @@ def distill_args(entry: dict[str, Any], student: str, output: str, source: dict[
             args += [flag, repr(float(entry[key]))]
     if entry.get("lora"):
         args += ["--lora"]
-    if entry.get("mixed_precision") in ("bf16", "fp16"):
+    if entry.get("mixed_precision") in MIXED_PRECISIONS:
         args += [f"--{entry['mixed_precision']}"]
     evaluated = _text_argument(entry.get("eval_dataset"), caveats, "evaluation")
     if evaluated is not None and entry.get("perplexity_after") is not None:

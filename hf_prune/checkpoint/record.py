@@ -94,8 +94,8 @@ _DISTILLATION_TEXT = ("teacher", "data", "kl_data", "eval_dataset")
 _DISTILLATION_COUNTS = ("steps", "tokens", "seq_len", "eval_seq_len", "eval_windows")
 _DISTILLATION_NUMBERS = ("learning_rate", "temperature", "lm_weight", "hidden_weight", "kl_before", "kl_after",
                          "perplexity_before", "perplexity_after")
-#: the mixed precision a distillation trained in (absent or ``None``: float32)
-MIXED_PRECISIONS = ("bf16", "fp16")
+#: the mixed precision a distillation trained in (absent or ``None``: float32) -> the dtype its matmuls ran in
+MIXED_PRECISIONS = {"bf16": "bfloat16", "fp16": "float16"}
 _DISTILLATION_KEYS = frozenset((*_DISTILLATION_TEXT, *_DISTILLATION_COUNTS, *_DISTILLATION_NUMBERS, "lora",
                                 "mixed_precision"))
 _MAX_TEXT = 200
@@ -130,7 +130,7 @@ def check_distillation_entry(entry: Any, path: str) -> None:
     if not isinstance(entry.get("lora", False), bool):
         raise _refuse(f"{path}.lora", f"must be true or false, got {short_repr(entry.get('lora'))}")
     if entry.get("mixed_precision") not in (None, *MIXED_PRECISIONS):
-        raise _refuse(f"{path}.mixed_precision", f"must be one of {list(MIXED_PRECISIONS)} or null (float32), got "
+        raise _refuse(f"{path}.mixed_precision", f"must be one of {sorted(MIXED_PRECISIONS)} or null (float32), got "
                                                  f"{short_repr(entry.get('mixed_precision'))}")
 
 

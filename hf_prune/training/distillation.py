@@ -654,7 +654,6 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, tokenizer: Any = 
                                       callbacks=callbacks, teacher=teacher, distillation=config)
         train_output = trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    precision = getattr(trainer.args, "mixed_precision", None)  # "bf16" with bf16=True
     merge = None
     model = trained
     if lora:
@@ -676,6 +675,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, tokenizer: Any = 
     logger.info("%s", result)
     if record:
         from ..checkpoint.provenance import describe_text
+
+        precision = getattr(trainer.args, "mixed_precision", None)  # "bf16" with bf16=True, "no" without
 
         record_distillation(model, {
             "teacher": (teacher_name or _teacher_name(teacher))[:200],
