@@ -37,6 +37,7 @@ from ..engine.statistics import InputStatistics, StatKind
 from ..errors import PruningConfigError, UnsupportedArchitectureError
 from ..report import count_parameters
 from ..surgery.hidden import (
+    SUPPORTED,
     check_hidden_pruning,
     final_norms,
     hidden_config_key,
@@ -75,8 +76,10 @@ class HiddenSizeConfig(PruningConfig):
     the LM head lose the same channels (a tied LM head stays tied); the saved config states
     the new ``hidden_size`` (``n_embd`` for GPT-2) with ``head_dim`` written out, so plain
     transformers loads the checkpoint. The pruning record lists the removed channels
-    (``pruning_config.removed_channels``). Dense decoder-only families with one attention and one
-    MLP per layer are supported; mixture-of-experts and hybrid models are refused.
+    (``pruning_config.removed_channels``). Decoder-only families with multi-head attention and a
+    dense MLP or routed experts in every layer are supported (in a mixture of experts the router, every
+    routed expert and the shared experts lose the channels too); hybrid layers (Mamba, linear
+    attention) and multi-head latent attention are refused.
     """
 
     method: ClassVar[str] = "hidden-size"
@@ -164,9 +167,7 @@ class HiddenSizePruner(LayerPruner):
         try:
             multiple = hidden_size_multiple(layout)
         except UnsupportedArchitectureError as err:
-            raise UnsupportedArchitectureError(f"hidden-size pruning needs one dense MLP and one multi-head attention "
-                                               f"in every decoder layer (no mixture of experts or hybrid layers): "
-                                               f"{err}") from None
+            raise UnsupportedArchitectureError(f"hidden-size pruning supports {SUPPORTED}: {err}") from None
         try:
             self.kept = self.config.channels_to_keep(hidden, multiple)
         except ValueError as err:
@@ -177,9 +178,7 @@ class HiddenSizePruner(LayerPruner):
         except UnsupportedArchitectureError as err:
             if "hidden-size pruning" in str(err):
                 raise
-            raise UnsupportedArchitectureError(f"hidden-size pruning needs one dense MLP and one multi-head attention "
-                                               f"in every decoder layer (no mixture of experts or hybrid layers): "
-                                               f"{err}") from None
+            raise UnsupportedArchitectureError(f"hidden-size pruning supports {SUPPORTED}: {err}") from None
         self.parameters_before = count_parameters(model)
 
     def _observe(self, module: nn.Module, inputs: Any, output: Any) -> None:

@@ -49,11 +49,11 @@ def _parent_path(local_name: str) -> str:
 
 def attention_module(layout: DecoderLayout, index: int) -> nn.Module:
     """The self-attention module of layer ``index`` (the parent of its output projection)."""
-    spec = layout.spec
+    spec = layout.attention_spec(index)
     if spec.o is None:
         raise UnsupportedArchitectureError(
-            f"{layout.model_type}: structured head pruning cannot find the attention heads: {'; '.join(spec.missing)}"
-        )
+            f"{layout.model_type}: cannot find the attention heads of layer {index}: "
+            f"{'; '.join([m for m in spec.missing if m.startswith('attention')] or spec.missing)}")
     path = _parent_path(spec.o)
     return layout.submodule(index, path) if path else layout.layers[index]
 
@@ -64,9 +64,10 @@ def mlp_module(layout: DecoderLayout, index: int) -> nn.Module:
     return layout.submodule(index, path) if path else layout.layers[index]
 
 
-def attention_input_names(layout: DecoderLayout) -> tuple[str, ...]:
-    """Layer-relative names of the projections that read the attention input."""
-    spec = layout.spec
+def attention_input_names(layout: DecoderLayout, index: int = 0) -> tuple[str, ...]:
+    """Layer-relative names of the projections that read the attention input (of layer ``index``, which
+    matters only in mixtures of experts, whose layers may differ)."""
+    spec = layout.attention_spec(index)
     names = (spec.qkv,) if spec.qkv else (spec.q, spec.k, spec.v)
     return tuple(name for name in names if name)
 
@@ -92,7 +93,7 @@ def attention_geometry(layout: DecoderLayout, index: int) -> AttentionGeometry:
             f"cannot find the head width of {type(attn).__name__} in layer {index}; structured head pruning "
             "supports the families listed by hf_prune.supported_model_types()"
         )
-    spec = layout.spec
+    spec = layout.attention_spec(index)
     heads = operator(layout, index, spec.o).in_features // head_dim
     if spec.qkv is None:
         kv_heads = operator(layout, index, spec.k).out_features // head_dim

@@ -8,6 +8,11 @@ it. Keeping the channels ``keep`` means slicing all of them along that axis: emb
 columns, norm weights and biases, input columns of every reader, output rows (and bias entries)
 of every writer, LM head columns. A tied LM head stays the embedding's parameter.
 
+In a mixture of experts the MLP of a layer is a routed block: its router reads the residual
+stream (a ``[experts, hidden]`` weight), every routed expert's gate/up slice reads it and its
+down slice (and down bias) writes it, and shared experts and their gates are Linear readers
+and writers like a dense MLP's.
+
 The config then says ``hidden_size`` (``n_embd`` for GPT-2) is ``len(keep)``:
 
 * families with a ``head_dim`` config field keep their head width, written out explicitly (many
@@ -40,6 +45,7 @@ from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import UnsupportedArchitectureError
+from ..walker.experts import ExpertBank
 from ..walker.layout import DecoderLayout
 from .geometry import attention_geometry, attention_input_names, attention_module
 from .shrink import as_index, keep_inputs, keep_outputs
@@ -47,8 +53,11 @@ from .shrink import as_index, keep_inputs, keep_outputs
 #: model types whose attention width is ``hidden_size`` (head_dim derived, no config field for it)
 COUPLED_ATTENTION = frozenset({"gpt2", "opt"})
 #: module attributes holding the hidden size (updated when equal to the old one)
-SIZE_ATTRIBUTES = ("hidden_size", "embed_dim", "embedding_dim", "normalized_shape")
+SIZE_ATTRIBUTES = ("hidden_size", "hidden_dim", "embed_dim", "embedding_dim", "normalized_shape")
 
+#: the families hidden-size pruning supports, for error messages
+SUPPORTED = ("families with multi-head attention, pre-norms and a dense MLP or routed experts in every layer (llama, "
+             "qwen3, gemma, phi3, gpt2, mixtral, qwen3_moe, gpt_oss...)")
 #: chooses, per head, the head channels kept: ``(layout, layer index, head_dim kept) -> (qk, vo)``
 #: index tensors of shape ``[heads, kept head_dim]``
 HeadChooser = Callable[[DecoderLayout, int, int], tuple[torch.Tensor, torch.Tensor]]
@@ -62,6 +71,8 @@ class ResidualModules:
     norms: list[nn.Module] = field(default_factory=list)
     readers: list[nn.Module] = field(default_factory=list)  # input columns (incl. the LM head)
     writers: list[nn.Module] = field(default_factory=list)  # output rows and bias entries
+    routers: list[nn.Module] = field(default_factory=list)  # MoE routers that are not Linear: weight columns
+    experts: list[ExpertBank] = field(default_factory=list)  # stacked routed experts: see keep_expert_channels
 
 
 def hidden_config_key(config: PretrainedConfig) -> str:
@@ -117,13 +128,15 @@ def final_norms(layout: DecoderLayout) -> list[nn.Module]:
 
 
 def residual_modules(layout: DecoderLayout) -> ResidualModules:
-    """Find every module on the residual stream (raises for families without one MLP and attention per layer)."""
+    """Find every module on the residual stream (raises for families without multi-head attention and either a
+    dense MLP or routed experts in every layer)."""
     model, hidden = layout.model, layout.hidden_size
-    spec = layout.spec
-    if not spec.has_attention:
-        raise UnsupportedArchitectureError(
-            f"{layout.model_type}: hidden-size pruning needs multi-head attention in every layer: "
-            f"{'; '.join(spec.missing)}")
+    for index in range(len(layout)):
+        spec = layout.attention_spec(index)
+        if not spec.has_attention:
+            raise UnsupportedArchitectureError(
+                f"{layout.model_type}: hidden-size pruning needs multi-head attention in every layer; layer {index}: "
+                f"{'; '.join(spec.missing)}")
     found = ResidualModules()
     inside = {id(m) for layer in layout.layers for m in layer.modules()}
     found.embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding) and id(m) not in inside
@@ -132,14 +145,75 @@ def residual_modules(layout: DecoderLayout) -> ResidualModules:
         raise UnsupportedArchitectureError(f"{type(model).__name__}: the input embeddings are not {hidden} wide")
     found.norms = [norm for index in range(len(layout)) for norm in layer_norms(layout, index)] + final_norms(layout)
     for index in range(len(layout)):
-        for name in (*attention_input_names(layout), *spec.mlp_in):
-            found.readers.append(layout.submodule(index, name))
-        for name in (spec.o, spec.mlp_out):
-            found.writers.append(layout.submodule(index, name))
+        spec = layout.attention_spec(index)
+        found.readers.extend(layout.submodule(index, name) for name in attention_input_names(layout, index))
+        found.writers.append(layout.submodule(index, spec.o))
+        if spec.has_mlp:
+            found.readers.extend(layout.submodule(index, name) for name in spec.mlp_in)
+            found.writers.append(layout.submodule(index, spec.mlp_out))
+        else:
+            _add_routed_block(layout, index, found)
     head = model.get_output_embeddings()
     if head is not None:
         found.readers.append(head)
     return found
+
+
+def _add_routed_block(layout: DecoderLayout, index: int, found: ResidualModules) -> None:
+    """Add the residual-stream modules of layer ``index``'s mixture-of-experts block: its expert banks, its router
+    and the Linear layers beside them (shared experts and their gates), told apart by which side is hidden wide."""
+    hidden = layout.hidden_size
+    banks = layout.expert_banks(index)
+    if not banks or layout.unreadable_experts(index):
+        raise UnsupportedArchitectureError(
+            f"{layout.model_type}: hidden-size pruning needs a dense MLP or routed experts it can read in every "
+            f"layer; layer {index} has {', '.join(layout.unreadable_experts(index)) or 'neither'}")
+    for bank in banks:
+        block_path = bank.path.rpartition(".")[0]
+        if not block_path:
+            raise UnsupportedArchitectureError(
+                f"{layout.model_type}: the routed experts of layer {index} sit directly in the decoder layer, not in "
+                "a block with their router; hidden-size pruning cannot tell that block's modules apart")
+        found.experts.append(bank)
+        inside_bank = {id(module) for module in bank.module.modules()}
+        for name, module in layout.submodule(index, block_path).named_modules():
+            if id(module) in inside_bank:
+                continue
+            if isinstance(module, (nn.Linear, Conv1D)):
+                reads, writes = _in_width(module) == hidden, _out_width(module) == hidden
+                if reads and writes:
+                    raise UnsupportedArchitectureError(
+                        f"{layout.model_type}: {block_path}.{name} maps the hidden size to itself inside the "
+                        f"mixture-of-experts block of layer {index}; hidden-size pruning does not know which side "
+                        "is the residual stream")
+                if reads:
+                    found.readers.append(module)
+                elif writes:
+                    found.writers.append(module)
+                continue
+            weight = module._parameters.get("weight")
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == hidden:
+                found.routers.append(module)  # a router kept as a bare [experts, hidden] weight
+
+
+def _in_width(module: nn.Module) -> int:
+    return int(module.weight.shape[0 if isinstance(module, Conv1D) else 1])
+
+
+def _out_width(module: nn.Module) -> int:
+    return int(module.weight.shape[1 if isinstance(module, Conv1D) else 0])
+
+
+def keep_expert_channels(bank: ExpertBank, channels: torch.Tensor) -> None:
+    """Keep the residual channels ``channels`` of every routed expert of ``bank``: the input side of each
+    gate/up slice, the output side of each down slice and its bias."""
+    transposed = bank.layout.transposed
+    for projection in bank.projections:
+        reads = projection.role != "down"  # an expert slice is (out, in): gate/up read hidden, down writes it
+        dim = (1 if transposed else 2) if reads else (2 if transposed else 1)
+        _slice(bank.module, projection.parameter, dim, channels)
+        if not reads and projection.bias is not None:
+            _slice(bank.module, projection.bias, 1, channels)
 
 
 def _slice(module: nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
@@ -269,10 +343,8 @@ def prune_hidden(layout: DecoderLayout, keep: Any, chooser: HeadChooser = weight
         raise ValueError(f"{layout.model_type}'s head width is hidden_size / num_attention_heads, so the kept hidden "
                          f"size must be a multiple of its {heads} heads, got {new}")
     fields: dict[str, int] = {}
-    mlp_width = layout.submodule(0, layout.spec.mlp_out)
-    inner = mlp_width.weight.shape[0 if isinstance(mlp_width, Conv1D) else 1]
-    if "n_inner" in config.to_dict() and getattr(config, "n_inner", None) is None:
-        fields["n_inner"] = int(inner)
+    if "n_inner" in config.to_dict() and getattr(config, "n_inner", None) is None:  # GPT-2: 4 x hidden if absent
+        fields["n_inner"] = _in_width(layout.submodule(0, layout.spec.mlp_out))
     if getattr(config, "word_embed_proj_dim", None) == old:  # OPT: embeddings as wide as the residual stream
         fields["word_embed_proj_dim"] = new
     new_head_dim = head_dim
@@ -295,6 +367,10 @@ def prune_hidden(layout: DecoderLayout, keep: Any, chooser: HeadChooser = weight
         keep_inputs(reader, channels)
     for writer in modules.writers:
         keep_outputs(writer, channels)
+    for router in modules.routers:
+        _slice(router, "weight", 1, channels)
+    for bank in modules.experts:
+        keep_expert_channels(bank, channels)
     if tied:
         head.weight = model.get_input_embeddings().weight
         if isinstance(head, nn.Linear):
@@ -355,8 +431,7 @@ def check_hidden_pruning(model: nn.Module, new: int) -> None:
     except (AttributeError, TypeError, RuntimeError) as err:  # a module or config this surgery cannot change
         raise UnsupportedArchitectureError(
             f"hidden-size pruning cannot shrink {layout.model_type} ({type(err).__name__}: {err}). Supported: "
-            "families with one attention and one MLP per layer and pre-norms (llama, qwen, gemma, phi3, gpt2...)"
-        ) from None
+            f"{SUPPORTED}") from None
     try:
         rebuilt_config = type(config).from_dict({**config.to_dict(), **change.config_fields})
         with torch.device("meta"):
@@ -371,5 +446,4 @@ def check_hidden_pruning(model: nn.Module, new: int) -> None:
         raise UnsupportedArchitectureError(
             f"hidden-size pruning does not know every residual-stream parameter of {layout.model_type}: after "
             f"removing channels, {', '.join(differing[:4])}{'...' if len(differing) > 4 else ''} would differ from "
-            "what transformers builds from the new config. Supported: families with one attention and one MLP "
-            "per layer and pre-norms (llama, qwen, gemma, phi3, gpt2...)")
+            f"what transformers builds from the new config. Supported: {SUPPORTED}")

@@ -203,6 +203,8 @@ class DecoderLayout:
         self.hidden_size = getattr(text_config, "hidden_size", None)
         self._banks: dict[int, tuple[list[tuple[str, str, ExpertBank]], list[str]]] = {}
         self._spec: ArchitectureSpec | None = None
+        self._layer_specs: dict[int, ArchitectureSpec] = {}
+        self._has_experts: bool | None = None
         if not any(self.operators(i, include_routers=True) or self._banks[i][1] for i in range(len(self))):
             layer = self.layers[0]
             params = ", ".join(f"{n} {tuple(p.shape)}" for n, p in list(layer.named_parameters())[:8])
@@ -336,6 +338,25 @@ class DecoderLayout:
                   if op.kind == "linear"}
         experts = tuple(bank.path for bank in self.expert_banks(index)) + tuple(self.unreadable_experts(index))
         return derive_spec(self.layers_path, widths, experts, self.model_type, self.model.config)
+
+    def has_experts(self) -> bool:
+        """Whether any decoder layer holds stacked routed-expert weights (readable or not)."""
+        if self._has_experts is None:
+            self._has_experts = any(self.expert_banks(i) or self.unreadable_experts(i) for i in range(len(self)))
+        return self._has_experts
+
+    def attention_spec(self, index: int) -> ArchitectureSpec:
+        """The roles naming layer ``index``'s attention projections.
+
+        The shared :attr:`spec` for dense models (which raises as it does when their layers differ); for
+        mixtures of experts, whose layers share no dense MLP and so no shared spec, the layer's own spec,
+        whose ``has_attention`` says whether the layer has multi-head attention the walker recognises.
+        """
+        if self._spec is not None or not self.has_experts():
+            return self.spec
+        if index not in self._layer_specs:
+            self._layer_specs[index] = self.layer_spec(index)
+        return self._layer_specs[index]
 
     @property
     def spec(self) -> ArchitectureSpec:

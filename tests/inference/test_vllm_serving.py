@@ -93,6 +93,9 @@ def _prune_case(case: str, tokenizer):
         model.prune(HiddenSizeConfig(amount=0.25, device="cpu"), calibration_data=calibration)
         return model, {"hidden_size": 96}
     model = _tiny(tokenizer, "qwen3_moe")
+    if case == "moe-hidden-size":  # the router and every routed expert lose the channels too
+        model.prune(HiddenSizeConfig(amount=0.25, device="cpu"), calibration_data=calibration)
+        return model, {"hidden_size": 96, "num_experts": 8, "moe_intermediate_size": 64}
     if case == "experts":
         model.prune(ExpertPruningConfig(num_experts_to_keep=6, device="cpu"), calibration_data=calibration)
         return model, {"num_experts": 6, "moe_intermediate_size": 64}
@@ -101,11 +104,11 @@ def _prune_case(case: str, tokenizer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["experts", "expert-neurons", "hidden-size"])
+@pytest.mark.parametrize("case", ["experts", "expert-neurons", "hidden-size", "moe-hidden-size"])
 def test_vllm_serves_moe_and_hidden_size_checkpoints_like_transformers(case, smollm2, tmp_path):
-    """Expert-pruned and expert-neuron Qwen3-MoE and a hidden-size-pruned Llama, served by vLLM from their standard
-    config.json: vLLM's log-probability of every prompt token equals plain transformers' (random tiny models, so
-    whole distributions are compared, not greedy text, whose near-ties a random model is full of)."""
+    """Expert-pruned, expert-neuron and hidden-size Qwen3-MoE and a hidden-size-pruned Llama, served by vLLM from
+    their standard config.json: vLLM's log-probability of every prompt token equals plain transformers' (random
+    tiny models, so whole distributions are compared, not greedy text, whose near-ties a random model is full of)."""
     _, tokenizer, _ = smollm2
     model, sizes = _prune_case(case, tokenizer)
     out = tmp_path / case

@@ -223,7 +223,9 @@ def _expert_banks(model) -> list:
 
 @pytest.mark.parametrize(("family", "mixes"), [("mixtral", [[0.0, 0.0, 0.0, 1.0]]), ("qwen3_moe", [[0.5, 0, 0, 0.5]]),
                                                ("gpt_oss", [[0.0, 0.0, 0.0, 0.5]]), ("llama4_text", None),
-                                               ("deepseek_v3", [[0.5, 0.0, 0.0]])])
+                                               ("deepseek_v3", [[0.5, 0.0, 0.0]]),
+                                               ("qwen3_moe", [[0.0, 0.0, 0.5, 0.0]]),
+                                               ("gpt_oss", [[0.0, 0.0, 0.25, 0.5]])])
 def test_mixtures_of_experts_spend_the_budget_on_layers_experts_and_their_neurons(family, mixes, windows, tmp_path):
     model = tiny_model(family, layers=3)
     dense, experts_before = _non_embedding(model), _expert_banks(model)[0].num_experts
@@ -234,8 +236,11 @@ def test_mixtures_of_experts_spend_the_budget_on_layers_experts_and_their_neuron
     kept, target = _non_embedding(model), round(0.6 * dense)
     assert entry["mixture_of_experts"] and (entry["kept_params"], entry["target_params"]) == (kept, target)
     assert abs(kept - target) <= entry["rounding_unit"], (kept, target, entry["rounding_unit"])
-    if mixes is not None and len(mixes[0]) == 4:  # the experts' share became whole experts removed
+    if mixes is not None and len(mixes[0]) == 4 and mixes[0][3] > 0:  # the experts' share became whole experts
         assert chosen["experts_removed"] > 0, chosen
+    if mixes is not None and mixes[0][2] > 0:  # the hidden share: routers and every expert lose the channels
+        assert model.config.hidden_size == chosen["hidden_size"] < 64, chosen
+        assert {bank.weight("down_proj", 0).shape[0] for bank in _expert_banks(model)} == {chosen["hidden_size"]}
     banks = _expert_banks(model)
     assert {bank.num_experts for bank in banks} == {experts_before - chosen["experts_removed"]}
     assert {bank.intermediate_size for bank in banks} == {chosen["mlp_neurons"]}
@@ -266,6 +271,14 @@ def test_expert_shares_the_model_cannot_take_are_skipped_with_the_reason(windows
     candidates = grouped.config.pruning_config["budget_search"]["candidates"]
     with_experts = [c for c in candidates if len(c["mix"]) == 4 and c["mix"][3] > 0]
     assert with_experts and all("cannot remove 2 of the 4 routed experts" in c["skipped"] for c in with_experts)
+    with_hidden = [c for c in candidates if c["mix"][2] > 0]  # multi-head latent attention: no hidden-size pruning
+    assert with_hidden and all(c["skipped"].startswith("hidden: ") for c in with_hidden), with_hidden
+    olmoe = tiny_model("olmoe", layers=3)  # q/k norms sized by hidden_size: hidden-size pruning refuses it
+    olmoe.prune(BudgetConfig(target_params=0.7, mixes=[[0, 0, 0.5, 0], [0, 0, 0, 0]], device="cpu"),
+                calibration_data=windows)
+    first, second = olmoe.config.pruning_config["budget_search"]["candidates"]
+    assert first["skipped"].startswith("hidden: ") and "q_norm" in first["skipped"] and first["kl"] is None
+    assert second["kl"] is not None
 
 
 def test_a_neuron_method_without_a_rule_for_experts_is_refused_before_any_pass(windows):

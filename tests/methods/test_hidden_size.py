@@ -168,9 +168,72 @@ def test_gpt2_head_channels_keep_the_attention_scores():
     assert torch.allclose(_logits(model), expected, atol=1e-5)
 
 
-def test_mixture_of_experts_and_bad_sizes_are_refused(token_ids):
-    with pytest.raises(UnsupportedArchitectureError, match="hidden-size pruning"):
-        tiny_model("mixtral").prune(HiddenSizeConfig(amount=0.5, device="cpu"), calibration_data=token_ids)
+def _residual_widths(model) -> dict[str, set[int]]:
+    """The residual-stream side of every router and routed-expert parameter: {name: widths seen}."""
+    layout = DecoderLayout(model)
+    widths: dict[str, set[int]] = {"router": set(), "gate_up": set(), "down": set(), "down_bias": set()}
+    for index in range(len(layout)):
+        for bank in layout.expert_banks(index):
+            for projection in bank.projections:
+                out_in = bank.weight(projection.parameter, 0)
+                widths["down" if projection.role == "down" else "gate_up"].add(
+                    out_in.shape[0] if projection.role == "down" else out_in.shape[1])
+                if projection.role == "down" and projection.bias is not None:
+                    widths["down_bias"].add(bank.stored(projection.bias).shape[1])
+            block = layout.submodule(index, bank.path.rpartition(".")[0])
+            router = next(m for name, m in block.named_children() if name in ("gate", "router"))
+            widths["router"].add(router.weight.shape[1])
+    return widths
+
+
+def _qwen3_moe_with_a_dense_layer():
+    config = type(tiny_config("qwen3_moe")).from_dict(tiny_config("qwen3_moe").to_dict() | {"mlp_only_layers": [0]})
+    torch.manual_seed(0)
+    return AutoPrunedModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "llama4_text", "qwen3_moe+dense"])
+def test_mixtures_of_experts_lose_the_channels_in_router_experts_and_shared_experts(family, token_ids, tmp_path):
+    model = _qwen3_moe_with_a_dense_layer() if family == "qwen3_moe+dense" else tiny_model(family)
+    assert {w for widths in _residual_widths(model).values() for w in widths} <= {64}
+    model.prune(HiddenSizeConfig(amount=0.5, device="cpu"), calibration_data=token_ids)
+    record = model.config.pruning_config["removed_channels"]
+    assert (record["hidden_before"], record["hidden_after"]) == (64, 32)
+    assert record["parameters_after"] < record["parameters_before"]
+    widths = _residual_widths(model)
+    assert widths["router"] == widths["gate_up"] == widths["down"] == {32}
+    assert widths["down_bias"] == ({32} if family == "gpt_oss" else set())
+    if family == "llama4_text":  # the shared expert beside the routed ones reads and writes 32 channels too
+        shared = model.model.layers[0].feed_forward.shared_expert
+        assert shared.gate_proj.in_features == shared.down_proj.out_features == 32
+    if family == "qwen3_moe+dense":
+        assert model.model.layers[0].mlp.down_proj.out_features == 32
+    expected = _logits(model)
+    generated = model.generate(PROBE[:1], max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    model.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["hidden_size"] == 32 and saved["head_dim"] == 16 and saved_config_is_standard(saved)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(plain).__module__.startswith("transformers.")
+    torch.testing.assert_close(_logits(plain), expected, atol=1e-5, rtol=0)
+    assert torch.equal(plain.generate(PROBE[:1], max_new_tokens=5, min_new_tokens=5, do_sample=False), generated)
+
+
+@pytest.mark.parametrize(("family", "reason"), [
+    ("olmoe", "q_norm"),  # its q/k norms are hidden_size wide but normalise the heads' width, which stays
+    ("deepseek_v3", "layer 0: .*MLA"),  # multi-head latent attention
+    ("qwen3_next", "layer 0: .*linear_attn"),  # linear-attention layers
+    ("granitemoehybrid", "layer 0: .*found none"),  # Mamba layers
+])
+def test_mixtures_of_experts_it_cannot_shrink_are_refused_before_any_work(family, reason, token_ids):
+    model = tiny_model(family)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(UnsupportedArchitectureError, match=f"hidden-size pruning.*{reason}"):
+        model.prune(HiddenSizeConfig(amount=0.5, device="cpu"), calibration_data=token_ids)
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+
+
+def test_bad_sizes_are_refused(token_ids):
     with pytest.raises(PruningConfigError, match="exceeds"):
         tiny_model("llama").prune(HiddenSizeConfig(hidden_size=80, device="cpu"), calibration_data=token_ids)
     with pytest.raises(PruningConfigError, match="multiple of 4"):

@@ -52,10 +52,10 @@ DEFAULT_AMOUNT = 0.25
 #: the mixes tried by default: shares of the removal spent on (depth, heads, hidden size); MLP neurons the rest
 DEFAULT_MIXES = ((0.0, 0.0, 0.0), (0.5, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.5, 0.0), (0.0, 0.0, 0.5),
                  (0.25, 0.25, 0.25))
-#: the mixes tried by default on a mixture of experts, whose heads and hidden size stay: shares spent on (depth,
-#: heads, hidden size, routed experts); the routed experts' neurons the rest
-DEFAULT_EXPERT_MIXES = ((0.0, 0.0, 0.0, 0.0), (0.5, 0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 0.5), (0.0, 0.0, 0.0, 1.0),
-                        (0.25, 0.0, 0.0, 0.5))
+#: the mixes tried by default on a mixture of experts, whose heads stay: shares spent on (depth, heads, hidden
+#: size, routed experts); the routed experts' neurons the rest
+DEFAULT_EXPERT_MIXES = ((0.0, 0.0, 0.0, 0.0), (0.5, 0.0, 0.0, 0.0), (0.0, 0.0, 0.5, 0.0), (0.0, 0.0, 0.0, 0.5),
+                        (0.0, 0.0, 0.0, 1.0), (0.25, 0.0, 0.0, 0.5))
 MAX_MIXES = 64
 
 
@@ -77,7 +77,7 @@ class BudgetConfig(PruningConfig):
             in the whole units nearest its share (all rounded down when that would remove more than the budget);
             the MLP neurons (in a mixture of experts, every routed expert's) remove the rest. Default: neurons only,
             half and all of it on depth, half on heads, half on hidden size, a quarter on each; on a mixture of
-            experts (whose heads and hidden size stay) neurons only, half on depth, half and all on experts, a
+            experts (whose heads stay) neurons only, half on depth, half on hidden size, half and all on experts, a
             quarter on depth with half on experts.
         neuron_method: the structured method that removes MLP neurons and KV groups (any registered
             ``StructuredConfig``: ``"activation-norm-structured"`` (default), ``"llm-rank"``,

@@ -24,7 +24,7 @@ from ...errors import PruningConfigError, UnsupportedArchitectureError
 from ...surgery.expert_neurons import apply_expert_sizes, expert_neuron_sizes
 from ...surgery.experts import remove_experts, set_expert_count
 from ...surgery.geometry import attention_geometry, operator
-from ...surgery.hidden import coupled_attention, hidden_size_multiple, prune_hidden
+from ...surgery.hidden import check_hidden_pruning, coupled_attention, hidden_size_multiple, prune_hidden
 from ...surgery.layers import remove_layers
 from ...surgery.shrink import shrink_attention, shrink_mlp
 from ...walker.layout import DecoderLayout
@@ -204,7 +204,6 @@ class BudgetPlanner:
         if self._read_experts(layout):
             self.unavailable["heads"] = ("structured methods keep the attention heads of mixture-of-experts models "
                                          "(heads=True is refused there)")
-            self.unavailable["hidden"] = "hidden-size pruning needs one dense MLP per layer, not a mixture of experts"
         else:
             self.unavailable["experts"] = "the model has no routed experts"
             try:
@@ -238,6 +237,8 @@ class BudgetPlanner:
                 self.unavailable[axis] = reason
                 continue
             try:
+                if axis == "hidden":  # the dry run hidden-size pruning refuses families with, before any work
+                    check_hidden_pruning(self.model, shape.hidden_size)
                 self.unit_removal[axis] = self.dense - self.count(shape)
             except (UnsupportedArchitectureError, ValueError, RuntimeError, AttributeError, TypeError) as err:
                 self.unavailable[axis] = f"{type(err).__name__}: {err}"
